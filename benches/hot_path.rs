@@ -1,0 +1,91 @@
+//! The per-record hot path: Avro decoding, window updates, and a checkpoint of window state.
+
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use marquee::config::Dimension;
+use marquee::decode::{Decoder, PLAYBACK_EVENT_SCHEMA};
+use marquee::gen::{GenOptions, Generator};
+use marquee::record::PlaybackEvent;
+use marquee::registry::MemoryRegistry;
+use marquee::sink::AvroEncoder;
+use marquee::state::Store;
+use marquee::window::{PartitionWindows, WindowSpec};
+
+const N: usize = 10_000;
+const DIMS: [Dimension; 3] = [Dimension::Cdn, Dimension::Country, Dimension::DeviceType];
+
+fn events() -> Vec<PlaybackEvent> {
+    Generator::new(GenOptions::default()).take(N).map(|a| a.event).collect()
+}
+
+fn decode(c: &mut Criterion) {
+    let registry = Arc::new(MemoryRegistry::default());
+    let encoder = AvroEncoder::register(registry.as_ref(), "events-value", PLAYBACK_EVENT_SCHEMA).unwrap();
+    let values: Vec<(Vec<u8>, Vec<u8>)> = events()
+        .iter()
+        .map(|e| (e.session_id.clone().into_bytes(), encoder.encode(e).unwrap()))
+        .collect();
+    let mut decoder = Decoder::new(registry);
+    let mut group = c.benchmark_group("decode");
+    group.throughput(Throughput::Elements(N as u64));
+    group.bench_function("confluent_avro_playback_event", |b| {
+        b.iter(|| {
+            for (key, value) in &values {
+                let event = decoder.decode(Some(key), Some(value)).unwrap().unwrap();
+                std::hint::black_box(event);
+            }
+        })
+    });
+    group.finish();
+}
+
+fn window_update(c: &mut Criterion) {
+    let events = events();
+    let spec = WindowSpec { size: 60_000, grace: 30_000 };
+    let mut group = c.benchmark_group("window");
+    group.throughput(Throughput::Elements(N as u64));
+    group.bench_function("add_4_groups", |b| {
+        b.iter_batched(
+            PartitionWindows::default,
+            |mut windows| {
+                for e in &events {
+                    windows.add(&spec, &DIMS, e);
+                }
+                windows
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+fn flush(c: &mut Criterion) {
+    let events = events();
+    let spec = WindowSpec { size: 60_000, grace: 30_000 };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 64, 64).unwrap();
+    let mut group = c.benchmark_group("state");
+    group.throughput(Throughput::Elements(N as u64));
+    group.bench_function("checkpoint_after_10k_events", |b| {
+        b.iter_batched(
+            || {
+                let mut windows = PartitionWindows::default();
+                for e in &events {
+                    windows.add(&spec, &DIMS, e);
+                }
+                windows
+            },
+            |mut windows| {
+                let mut batch = rocksdb::WriteBatch::default();
+                store.stage_windows(&mut batch, 0, &mut windows);
+                store.commit(batch).unwrap();
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, decode, window_update, flush);
+criterion_main!(benches);

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs what the tests need (build dependencies, the Tansu broker) and runs every check:
+# formatting, clippy, unit, property and integration tests on real components.
+cd "$(dirname "$0")/.."
+source scripts/deps.sh
+
+tansu_bin="${CARGO_HOME:-$HOME/.cargo}/bin/tansu"
+if [ ! -x "$tansu_bin" ] && ! command -v tansu >/dev/null 2>&1; then
+  echo "installing the Tansu Kafka broker for the integration tests (several minutes)" >&2
+  cargo install tansu --locked --features dynostore
+fi
+
+cargo fmt --check
+cargo clippy --release --all-targets --quiet -- -D warnings
+cargo test --release

@@ -1,0 +1,317 @@
+//! Topology files (`topologies/*.toml`): serde structs whose doc comments are the reference,
+//! named defaults, and `validate()` that reports every problem at once.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::error::ConfigError;
+
+/// One pipeline: where events come from, how time works, what is computed and where it goes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    /// Name of the pipeline; used for the default consumer group and in logs.
+    pub name: String,
+    /// The input topic and consumer settings.
+    pub source: SourceConfig,
+    /// Event-time rules: watermarks, idleness, clock skew.
+    #[serde(default)]
+    pub time: TimeConfig,
+    /// The tumbling QoS windows.
+    pub qos: QosConfig,
+    /// Output topics and producer settings.
+    #[serde(default)]
+    pub sink: SinkConfig,
+    /// Local RocksDB state.
+    pub state: StateConfig,
+}
+
+/// `[source]`: the input topic.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Topic of Avro `PlaybackEvent`s in the Confluent wire format.
+    #[serde(default = "default_input_topic")]
+    pub topic: String,
+    /// Consumer group; every instance of this pipeline uses the same one. Default `marquee-<name>`.
+    pub group_id: Option<String>,
+    /// Extra librdkafka consumer properties, passed through unchanged (they win over defaults).
+    #[serde(default)]
+    pub kafka: BTreeMap<String, String>,
+}
+
+/// `[time]`: watermarks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeConfig {
+    /// How far behind the largest event time seen on a partition its watermark trails.
+    #[serde(default = "d5s", deserialize_with = "duration")]
+    pub out_of_orderness: Duration,
+    /// A partition without records for this long stops holding the operator watermark back.
+    #[serde(default = "d30s", deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// Events whose event time is further than this ahead of their Kafka timestamp are
+    /// quarantined to the dead-letter topic instead of moving the watermark.
+    #[serde(default = "d5m", deserialize_with = "duration")]
+    pub max_future_skew: Duration,
+    /// A partition whose watermark runs this far ahead of the slowest owned partition is paused
+    /// until the others catch up (watermark alignment), which bounds open-window state.
+    #[serde(default = "d10m", deserialize_with = "duration")]
+    pub max_partition_drift: Duration,
+}
+
+impl Default for TimeConfig {
+    fn default() -> Self {
+        Self {
+            out_of_orderness: d5s(),
+            idle_timeout: d30s(),
+            max_future_skew: d5m(),
+            max_partition_drift: d10m(),
+        }
+    }
+}
+
+/// A grouping dimension of the QoS windows (the group `all` is always computed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dimension {
+    Cdn,
+    Country,
+    DeviceType,
+    TitleId,
+}
+
+impl Dimension {
+    /// The name used in output records, keys and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dimension::Cdn => "cdn",
+            Dimension::Country => "country",
+            Dimension::DeviceType => "device_type",
+            Dimension::TitleId => "title_id",
+        }
+    }
+}
+
+/// `[qos]`: tumbling windows of QoS metrics.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QosConfig {
+    /// Window size; windows are aligned to the epoch, `[k*window, (k+1)*window)`.
+    #[serde(default = "d1m", deserialize_with = "duration")]
+    pub window: Duration,
+    /// How long after its end (in watermark time) a window still accepts records.
+    #[serde(default = "d30s", deserialize_with = "duration")]
+    pub grace: Duration,
+    /// Grouping dimensions besides `all`.
+    #[serde(default = "default_dimensions")]
+    pub dimensions: Vec<Dimension>,
+    /// Dimensions whose last closed window is exported as Prometheus gauges. Must be
+    /// low-cardinality: `title_id` is refused so it can never explode the series count.
+    #[serde(default = "default_dimensions")]
+    pub gauge_dimensions: Vec<Dimension>,
+}
+
+/// `[sink]`: where results, late records and undecodable records go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// Topic of final `QosWindow` records (Confluent-framed Avro).
+    #[serde(default = "default_output_topic")]
+    pub topic: String,
+    /// Topic receiving late records unchanged, with `marquee.*` headers.
+    #[serde(default = "default_late_topic")]
+    pub late_topic: String,
+    /// Topic receiving undecodable or untrusted records unchanged, with `marquee.*` headers.
+    #[serde(default = "default_dead_letter_topic")]
+    pub dead_letter_topic: String,
+    /// Extra librdkafka producer properties, passed through unchanged.
+    #[serde(default)]
+    pub kafka: BTreeMap<String, String>,
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        Self {
+            topic: default_output_topic(),
+            late_topic: default_late_topic(),
+            dead_letter_topic: default_dead_letter_topic(),
+            kafka: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[state]`: the local RocksDB.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// Directory of the RocksDB database (created if missing).
+    pub dir: PathBuf,
+    /// How often state, watermarks and offsets are written in one batch (and outputs flushed).
+    #[serde(default = "d1s", deserialize_with = "duration")]
+    pub checkpoint_interval: Duration,
+    /// One block cache shared by every store, in MiB.
+    #[serde(default = "default_cache_mib")]
+    pub block_cache_mib: usize,
+    /// One write-buffer budget shared by every store, in MiB.
+    #[serde(default = "default_write_buffer_mib")]
+    pub write_buffer_mib: usize,
+}
+
+impl Topology {
+    /// Reads, parses and validates a topology file.
+    pub fn load(path: &Path) -> Result<Topology, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates topology text; `file` names it in errors.
+    pub fn parse(text: &str, file: &Path) -> Result<Topology, ConfigError> {
+        let topology: Topology = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let problems = topology.validate();
+        if problems.is_empty() {
+            Ok(topology)
+        } else {
+            Err(ConfigError::Invalid {
+                file: file.to_path_buf(),
+                problems,
+            })
+        }
+    }
+
+    /// Every semantic problem, each naming its key, the value and what was expected.
+    pub fn validate(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, msg: String| {
+            if !ok {
+                problems.push(msg)
+            }
+        };
+        check(!self.name.trim().is_empty(), "`name` must not be empty".into());
+        check(!self.source.topic.is_empty(), "`source.topic` must not be empty".into());
+        let window = self.qos.window.as_millis();
+        check(
+            window >= 1,
+            format!("`qos.window` is {window}ms: expected at least 1ms"),
+        );
+        check(
+            window == 0 || 86_400_000 % window == 0,
+            format!("`qos.window` is {window}ms: expected a size that divides a day evenly (e.g. 10s, 1m, 5m, 1h)"),
+        );
+        check(
+            !self.time.idle_timeout.is_zero(),
+            "`time.idle_timeout` must be greater than 0".into(),
+        );
+        check(
+            !self.time.max_partition_drift.is_zero(),
+            "`time.max_partition_drift` must be greater than 0".into(),
+        );
+        check(
+            !self.state.checkpoint_interval.is_zero(),
+            "`state.checkpoint_interval` must be greater than 0".into(),
+        );
+        for dim in &self.qos.gauge_dimensions {
+            check(
+                *dim != Dimension::TitleId,
+                "`qos.gauge_dimensions` contains `title_id`: expected low-cardinality dimensions only (cdn, country, device_type)".into(),
+            );
+            check(
+                self.qos.dimensions.contains(dim),
+                format!("`qos.gauge_dimensions` contains `{}`, which is not in `qos.dimensions`", dim.name()),
+            );
+        }
+        let mut seen = self.qos.dimensions.clone();
+        seen.sort();
+        seen.dedup();
+        check(
+            seen.len() == self.qos.dimensions.len(),
+            "`qos.dimensions` lists a dimension twice".into(),
+        );
+        let topics = [
+            ("sink.topic", &self.sink.topic),
+            ("sink.late_topic", &self.sink.late_topic),
+            ("sink.dead_letter_topic", &self.sink.dead_letter_topic),
+        ];
+        for (key, topic) in topics {
+            check(!topic.is_empty(), format!("`{key}` must not be empty"));
+            check(
+                *topic != self.source.topic,
+                format!("`{key}` is `{topic}`, the input topic: expected a different topic"),
+            );
+        }
+        check(
+            self.state.block_cache_mib > 0 && self.state.write_buffer_mib > 0,
+            "`state.block_cache_mib` and `state.write_buffer_mib` must be greater than 0".into(),
+        );
+        problems
+    }
+
+    /// The consumer group: `source.group_id`, or `marquee-<name>`.
+    pub fn group_id(&self) -> String {
+        self.source
+            .group_id
+            .clone()
+            .unwrap_or_else(|| format!("marquee-{}", self.name))
+    }
+}
+
+/// Parses `500ms`, `30s`, `5m`, `1h 30m` into a `Duration`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| {
+        format!("invalid duration {text:?} ({e}): expected a number and unit such as 500ms, 30s, 5m")
+    })
+}
+
+fn duration<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(de)?;
+    parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+fn default_input_topic() -> String {
+    "playback-events".into()
+}
+fn default_output_topic() -> String {
+    "qos-windows".into()
+}
+fn default_late_topic() -> String {
+    "qos-late".into()
+}
+fn default_dead_letter_topic() -> String {
+    "qos-dead-letter".into()
+}
+fn default_dimensions() -> Vec<Dimension> {
+    vec![Dimension::Cdn, Dimension::Country, Dimension::DeviceType]
+}
+fn default_cache_mib() -> usize {
+    128
+}
+fn default_write_buffer_mib() -> usize {
+    64
+}
+fn d1s() -> Duration {
+    Duration::from_secs(1)
+}
+fn d5s() -> Duration {
+    Duration::from_secs(5)
+}
+fn d30s() -> Duration {
+    Duration::from_secs(30)
+}
+fn d1m() -> Duration {
+    Duration::from_secs(60)
+}
+fn d5m() -> Duration {
+    Duration::from_secs(300)
+}
+fn d10m() -> Duration {
+    Duration::from_secs(600)
+}

@@ -1,0 +1,146 @@
+//! Confluent wire format (magic byte 0, 4-byte big-endian schema id, Avro binary), length-checked,
+//! and Avro → [`PlaybackEvent`] resolving any registered writer schema against the reader schema
+//! in `avro/playback_event.avsc`.
+//!
+//! Writer schemas are cached per id, with a prepared reader: when the writer schema is the
+//! reader schema (the common case) records deserialize straight into the struct through serde,
+//! without building a generic Avro value; other versions go through Avro schema resolution.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use apache_avro::schema_compatibility::SchemaCompatibility;
+use apache_avro::{GenericDatumReader, Schema};
+
+use crate::error::{DecodeError, RegistryError};
+use crate::record::PlaybackEvent;
+use crate::registry::SchemaRegistry;
+
+/// The reader schema of the input contract.
+pub const PLAYBACK_EVENT_SCHEMA: &str = include_str!("../avro/playback_event.avsc");
+
+/// Splits a Confluent-framed value into its schema id and Avro payload.
+pub fn split_frame(value: &[u8]) -> Result<(u32, &[u8]), DecodeError> {
+    match value {
+        [0, a, b, c, d, payload @ ..] => Ok((u32::from_be_bytes([*a, *b, *c, *d]), payload)),
+        [magic, _, _, _, _, ..] => Err(DecodeError::BadMagic { found: *magic }),
+        short => Err(DecodeError::Truncated { len: short.len() }),
+    }
+}
+
+/// Prepends the Confluent header for `schema_id` to an Avro payload.
+pub fn frame(schema_id: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 5);
+    out.push(0);
+    out.extend_from_slice(&schema_id.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// How records of one writer schema are read.
+enum Plan {
+    /// Writer schema equals the reader schema: serde straight from the bytes.
+    Direct(GenericDatumReader<'static>),
+    /// Another version: decode with the writer schema, resolve against the reader schema.
+    Resolve(GenericDatumReader<'static>),
+}
+
+/// Decodes playback events, caching one [`Plan`] per schema id.
+pub struct Decoder {
+    registry: Arc<dyn SchemaRegistry>,
+    reader: &'static Schema,
+    reader_form: String,
+    /// Also caches ids that were not found or cannot be read, so poison records stay cheap.
+    plans: HashMap<u32, Result<Plan, DecodeError>>,
+}
+
+impl Decoder {
+    /// A decoder that looks writer schemas up in `registry`.
+    pub fn new(registry: Arc<dyn SchemaRegistry>) -> Self {
+        let reader = leak(Schema::parse_str(PLAYBACK_EVENT_SCHEMA).expect("avro/playback_event.avsc is valid"));
+        Self {
+            registry,
+            reader_form: reader.canonical_form(),
+            reader,
+            plans: HashMap::new(),
+        }
+    }
+
+    /// Decodes one record. The outer error is operational (the registry is unreachable); the
+    /// inner one is bad data, bound for the dead-letter topic.
+    pub fn decode(
+        &mut self,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+    ) -> Result<Result<PlaybackEvent, DecodeError>, RegistryError> {
+        if key.is_none_or(|k| k.is_empty()) {
+            return Ok(Err(DecodeError::MissingKey));
+        }
+        let Some(value) = value else {
+            return Ok(Err(DecodeError::MissingValue));
+        };
+        let (id, mut payload) = match split_frame(value) {
+            Ok(parts) => parts,
+            Err(e) => return Ok(Err(e)),
+        };
+        if !self.plans.contains_key(&id) {
+            let plan = self.plan(id)?;
+            self.plans.insert(id, plan);
+        }
+        let plan = match &self.plans[&id] {
+            Ok(plan) => plan,
+            Err(e) => return Ok(Err(e.clone())),
+        };
+        let bad = |e: apache_avro::Error| DecodeError::BadPayload {
+            id,
+            message: e.to_string(),
+        };
+        let event = match plan {
+            Plan::Direct(reader) => reader.read_deser::<PlaybackEvent>(&mut payload).map_err(bad),
+            Plan::Resolve(reader) => reader
+                .read_value(&mut payload)
+                .and_then(apache_avro::from_value::<PlaybackEvent>)
+                .map_err(bad),
+        };
+        Ok(match event {
+            Ok(_) if !payload.is_empty() => Err(DecodeError::BadPayload {
+                id,
+                message: format!("{} trailing bytes after the record", payload.len()),
+            }),
+            other => other,
+        })
+    }
+
+    fn plan(&self, id: u32) -> Result<Result<Plan, DecodeError>, RegistryError> {
+        let text = match self.registry.schema_by_id(id) {
+            Ok(text) => text,
+            Err(RegistryError::NotFound { message, .. }) => {
+                return Ok(Err(DecodeError::UnknownSchema { id, message }))
+            }
+            Err(e) => return Err(e),
+        };
+        let incompatible = |message: String| DecodeError::IncompatibleSchema { id, message };
+        let writer = match Schema::parse_str(&text) {
+            Ok(schema) => schema,
+            Err(e) => return Ok(Err(incompatible(e.to_string()))),
+        };
+        if let Err(e) = SchemaCompatibility::can_read(&writer, self.reader) {
+            return Ok(Err(incompatible(e.to_string())));
+        }
+        // Bounded by the number of schemas ever registered for the topic.
+        let writer = leak(writer);
+        let plan = if writer.canonical_form() == self.reader_form {
+            GenericDatumReader::builder(writer).build().map(Plan::Direct)
+        } else {
+            GenericDatumReader::builder(writer)
+                .reader_schema(self.reader)
+                .build()
+                .map(Plan::Resolve)
+        };
+        Ok(plan.map_err(|e| incompatible(e.to_string())))
+    }
+}
+
+fn leak(schema: Schema) -> &'static Schema {
+    Box::leak(Box::new(schema))
+}

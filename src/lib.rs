@@ -1,0 +1,48 @@
+//! Marquee: a real-time stream processor for video-streaming playback events.
+//!
+//! ```text
+//! Kafka ──► source ──► decode ──► watermark ──► windows ──► emit ──► sink ──► derived topics
+//!          (group)    (Avro +     (per          (per         (on      (results, late,
+//!                      registry)   partition)    partition)   close)   dead letters)
+//!                                                   │
+//!                                      state (RocksDB: windows + offsets + watermarks)
+//!            /metrics · /healthz · /readyz  ◄── HTTP at the side
+//! ```
+//!
+//! # Layout
+//!
+//! - [`config`]: topology files, defaults and validation.
+//! - [`error`]: typed errors per boundary and the bad-data policy.
+//! - [`record`]: the input event and the output records.
+//! - [`registry`]: Confluent schema registry client, in-memory and embedded registries.
+//! - [`source`]: the consumer group, rebalances, pause/resume, offset commits.
+//! - [`decode`]: Confluent framing and Avro decoding with schema resolution.
+//! - [`watermark`]: per-partition watermarks, idleness, the operator watermark.
+//! - [`window`]: tumbling windows and the QoS aggregates.
+//! - [`state`]: RocksDB stores, key codec, offsets in the same write batch.
+//! - [`pipeline`]: the per-record flow and the checkpoint order.
+//! - [`sink`]: the producer, Avro encoding, late and dead-letter copies.
+//! - [`metrics`]: every counter and gauge Marquee exports.
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`gen`]: the synthetic playback-event generator.
+//! - [`app`]: builds and runs one instance of a topology.
+//! - [`demo`]: the whole job on an in-process Kafka and registry.
+//! - [`bench`]: the end-to-end throughput measurement.
+
+pub mod app;
+pub mod bench;
+pub mod config;
+pub mod decode;
+pub mod demo;
+pub mod error;
+pub mod gen;
+pub mod http;
+pub mod metrics;
+pub mod pipeline;
+pub mod record;
+pub mod registry;
+pub mod sink;
+pub mod source;
+pub mod state;
+pub mod watermark;
+pub mod window;

@@ -1,0 +1,140 @@
+//! Everything Marquee counts, one small type per thing, named
+//! `marquee_<name>_<unit>[_total]` with bounded labels (topic, partition, reason, and the
+//! values of low-cardinality dimensions only). Per-record counts are accumulated locally and
+//! published once per batch.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram, Counter, Gauge};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let seconds = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+            PrometheusBuilder::new()
+                .set_buckets(&seconds)
+                .expect("static buckets are valid")
+                .install_recorder()
+                .expect("no other metrics recorder is installed")
+        })
+        .clone()
+}
+
+/// Counters of one input partition, accumulated per batch.
+pub struct PartitionCounters {
+    topic: String,
+    partition: String,
+    consumed: Counter,
+    decoded: Counter,
+    late: Counter,
+    watermark: Gauge,
+    watermark_lag: Gauge,
+    paused: Gauge,
+    idle: Gauge,
+    pending: PendingCounts,
+}
+
+/// Counts not yet published.
+#[derive(Default)]
+struct PendingCounts {
+    consumed: u64,
+    decoded: u64,
+    late: u64,
+    dead: BTreeMap<&'static str, u64>,
+}
+
+impl PartitionCounters {
+    /// Registers the series of `topic`/`partition`.
+    pub fn new(topic: &str, partition: i32) -> Self {
+        let labels = [("topic", topic.to_string()), ("partition", partition.to_string())];
+        Self {
+            topic: topic.to_string(),
+            partition: partition.to_string(),
+            consumed: counter!("marquee_records_consumed_total", &labels),
+            decoded: counter!("marquee_records_decoded_total", &labels),
+            late: counter!("marquee_records_late_total", &labels),
+            watermark: gauge!("marquee_watermark_timestamp_seconds", &labels),
+            watermark_lag: gauge!("marquee_watermark_lag_seconds", &labels),
+            paused: gauge!("marquee_partition_paused", &labels),
+            idle: gauge!("marquee_partition_idle", &labels),
+            pending: PendingCounts::default(),
+        }
+    }
+
+    /// One record read.
+    pub fn consumed(&mut self) {
+        self.pending.consumed += 1;
+    }
+
+    /// One record decoded into an event.
+    pub fn decoded(&mut self) {
+        self.pending.decoded += 1;
+    }
+
+    /// One late record sent to the late topic.
+    pub fn late(&mut self) {
+        self.pending.late += 1;
+    }
+
+    /// One record sent to the dead-letter topic for `reason`.
+    pub fn dead_lettered(&mut self, reason: &'static str) {
+        *self.pending.dead.entry(reason).or_default() += 1;
+    }
+
+    /// Publishes pending counts and the partition's time gauges.
+    pub fn publish(&mut self, watermark_ms: i64, now_ms: i64, paused: bool, idle: bool) {
+        let p = std::mem::take(&mut self.pending);
+        self.consumed.increment(p.consumed);
+        self.decoded.increment(p.decoded);
+        self.late.increment(p.late);
+        for (reason, n) in p.dead {
+            counter!("marquee_records_dead_lettered_total",
+                "topic" => self.topic.clone(), "partition" => self.partition.clone(), "reason" => reason)
+            .increment(n);
+        }
+        if watermark_ms != i64::MIN {
+            self.watermark.set(watermark_ms as f64 / 1000.0);
+            self.watermark_lag.set((now_ms - watermark_ms) as f64 / 1000.0);
+        }
+        self.paused.set(f64::from(u8::from(paused)));
+        self.idle.set(f64::from(u8::from(idle)));
+    }
+}
+
+/// Window lifecycle and state gauges.
+pub fn windows_open(n: usize) {
+    gauge!("marquee_windows_open").set(n as f64);
+}
+
+/// Windows closed (all groups of one window start count once).
+pub fn windows_closed(n: u64) {
+    counter!("marquee_windows_closed_total").increment(n);
+}
+
+/// Result records written to the output topic.
+pub fn results_emitted(n: u64) {
+    counter!("marquee_window_results_emitted_total").increment(n);
+}
+
+/// Approximate bytes of the state store.
+pub fn state_size(bytes: u64) {
+    gauge!("marquee_state_store_size_bytes").set(bytes as f64);
+}
+
+/// One checkpoint: how long flushing outputs and writing the batch took.
+pub fn checkpoint(flush: Duration, write: Duration) {
+    histogram!("marquee_output_flush_duration_seconds").record(flush.as_secs_f64());
+    histogram!("marquee_checkpoint_write_duration_seconds").record(write.as_secs_f64());
+}
+
+/// Business gauges of the last closed window of one low-cardinality group.
+pub fn last_window(dimension: &str, value: &str, viewers: i64, rebuffer_ratio: Option<f64>) {
+    let labels = [("dimension", dimension.to_string()), ("value", value.to_string())];
+    gauge!("marquee_qos_concurrent_viewers", &labels).set(viewers as f64);
+    gauge!("marquee_qos_rebuffer_ratio", &labels).set(rebuffer_ratio.unwrap_or(0.0));
+}

@@ -1,0 +1,372 @@
+//! One instance's flow: source → decode → watermark → windows → state → emit.
+//!
+//! A single thread polls the consumer and runs every stage on each record, so no stage waits
+//! on another and nothing is queued between them. Every `TICK_RECORDS` records (and on quiet
+//! polls) the operator watermark is recomputed, closed windows are emitted and partitions
+//! running ahead are paused. Every `checkpoint_interval`:
+//!
+//! 1. flush the producer: every result, late and dead-letter record sent so far is delivered;
+//! 2. write one RocksDB batch: changed window state, deletions of emitted windows, and each
+//!    partition's next offset and largest event time;
+//! 3. commit those offsets to Kafka (for lag monitoring only).
+//!
+//! A crash between 1 and 2 replays from the previous checkpoint and re-emits identical keyed
+//! records; a crash before 1 loses nothing, since no offset moved.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::message::{BorrowedMessage, Message};
+use rocksdb::WriteBatch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Dimension, Topology};
+use crate::decode::Decoder;
+use crate::error::{DecodeError, PipelineError};
+use crate::http::Health;
+use crate::metrics::{self, PartitionCounters};
+use crate::record::{Origin, QosWindow};
+use crate::sink::Sink;
+use crate::source::{Assignment, Source};
+use crate::state::{PartitionMeta, Store};
+use crate::watermark::Watermarks;
+use crate::window::{slot, PartitionWindows, WindowPartial, WindowSpec};
+
+/// Records between watermark ticks while data flows.
+const TICK_RECORDS: u32 = 4096;
+/// Longest time between watermark ticks.
+const TICK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Called with every final result as it is emitted (the demo prints them).
+pub type ResultHook = Box<dyn FnMut(&QosWindow) + Send>;
+
+/// State of one owned input partition.
+struct PartitionState {
+    /// Open windows of this partition's records.
+    windows: PartitionWindows,
+    /// Next offset to process; records below it are already in the state.
+    next_offset: Option<i64>,
+    /// Paused by watermark alignment.
+    paused: bool,
+    counters: PartitionCounters,
+}
+
+/// Everything but the consumer, so a borrowed message can be handled while it is held.
+struct Core {
+    spec: WindowSpec,
+    dimensions: Vec<Dimension>,
+    gauge_slots: Vec<u8>,
+    max_future_skew: i64,
+    decoder: Decoder,
+    sink: Sink,
+    store: Arc<Store>,
+    marks: Watermarks,
+    parts: BTreeMap<i32, PartitionState>,
+    /// Highest operator watermark at which windows were closed: anything at or below is final.
+    closed_through: i64,
+    /// Emitted windows whose state is deleted at the next checkpoint.
+    emitted: Vec<(i32, i64)>,
+    topic: String,
+    on_result: Option<ResultHook>,
+    /// Wall clock of the current tick, for idleness.
+    now: Instant,
+    /// Records processed since the last tick.
+    processed: u64,
+}
+
+/// A running pipeline instance.
+pub struct Pipeline {
+    source: Source,
+    core: Core,
+    max_drift: i64,
+    checkpoint_interval: Duration,
+    health: Arc<Health>,
+}
+
+impl Pipeline {
+    /// Wires the stages of `topology` together; nothing is consumed until [`Pipeline::run`].
+    pub fn new(
+        topology: &Topology,
+        source: Source,
+        decoder: Decoder,
+        sink: Sink,
+        store: Arc<Store>,
+        health: Arc<Health>,
+    ) -> Result<Self, PipelineError> {
+        let closed_through = store.closed_through()?.unwrap_or(i64::MIN);
+        let time = &topology.time;
+        Ok(Self {
+            core: Core {
+                spec: WindowSpec::new(topology.qos.window, topology.qos.grace),
+                dimensions: topology.qos.dimensions.clone(),
+                gauge_slots: topology.qos.gauge_dimensions.iter().map(|d| slot(*d)).collect(),
+                max_future_skew: time.max_future_skew.as_millis() as i64,
+                decoder,
+                sink,
+                store,
+                marks: Watermarks::new(time.out_of_orderness, time.idle_timeout),
+                parts: BTreeMap::new(),
+                closed_through,
+                emitted: Vec::new(),
+                topic: source.topic().to_string(),
+                on_result: None,
+                now: Instant::now(),
+                processed: 0,
+            },
+            source,
+            max_drift: time.max_partition_drift.as_millis() as i64,
+            checkpoint_interval: topology.state.checkpoint_interval,
+            health,
+        })
+    }
+
+    /// Calls `hook` with every final result as it is emitted.
+    pub fn on_result(mut self, hook: ResultHook) -> Self {
+        self.core.on_result = Some(hook);
+        self
+    }
+
+    /// Runs until `shutdown`, then checkpoints once more and returns.
+    pub fn run(mut self, shutdown: &CancellationToken) -> Result<(), PipelineError> {
+        let mut since_tick = 0u32;
+        let mut last_tick = Instant::now();
+        let mut last_checkpoint = Instant::now();
+        self.health.set_ready(true);
+        while !shutdown.is_cancelled() {
+            let polled = self.source.poll(Duration::from_millis(50));
+            for change in self.source.take_assignments() {
+                self.reassign(change)?;
+            }
+            match polled {
+                Some(Ok(message)) => {
+                    self.core.handle(&message)?;
+                    since_tick += 1;
+                }
+                Some(Err(e)) => tracing::warn!(error = %e, "consumer error; librdkafka retries"),
+                None => since_tick = TICK_RECORDS,
+            }
+            if since_tick >= TICK_RECORDS || last_tick.elapsed() >= TICK_INTERVAL {
+                self.tick()?;
+                since_tick = 0;
+                last_tick = Instant::now();
+            }
+            if last_checkpoint.elapsed() >= self.checkpoint_interval {
+                self.checkpoint()?;
+                last_checkpoint = Instant::now();
+            }
+        }
+        self.tick()?;
+        self.checkpoint()?;
+        tracing::info!("pipeline stopped cleanly: outputs flushed, state and offsets checkpointed");
+        Ok(())
+    }
+
+    /// Recomputes watermarks, emits closed windows, pauses or resumes partitions for alignment.
+    fn tick(&mut self) -> Result<(), PipelineError> {
+        let core = &mut self.core;
+        core.now = Instant::now();
+        self.health.add_processed(std::mem::take(&mut core.processed));
+        let Some(watermark) = core.marks.operator(core.now) else {
+            return Ok(());
+        };
+        core.close_windows(watermark)?;
+        let now_ms = wall_clock_ms();
+        for (&p, part) in core.parts.iter_mut() {
+            let own = core.marks.partition(p);
+            // A partition far ahead of the slowest one only grows open-window state: let the
+            // others catch up first. Catching up never changes results, only memory.
+            let ahead = watermark != i64::MIN && own != i64::MIN && own - watermark > self.max_drift;
+            if ahead != part.paused {
+                self.source.set_paused(p, ahead)?;
+                core.marks.set_paused(p, ahead, core.now);
+                part.paused = ahead;
+                tracing::debug!(partition = p, paused = ahead, "watermark alignment");
+            }
+            let idle = core.marks.is_idle(p, core.now);
+            part.counters.publish(own, now_ms, part.paused, idle);
+        }
+        let open: usize = core.parts.values().map(|p| p.windows.windows.len()).sum();
+        metrics::windows_open(open);
+        Ok(())
+    }
+
+    /// Flushes outputs, writes state with offsets, then commits offsets to Kafka.
+    fn checkpoint(&mut self) -> Result<(), PipelineError> {
+        let offsets = self.core.checkpoint()?;
+        self.source.commit(offsets);
+        Ok(())
+    }
+
+    fn reassign(&mut self, change: Assignment) -> Result<(), PipelineError> {
+        match change {
+            Assignment::Assigned(partitions) => {
+                for p in partitions {
+                    self.core.assign(p)?;
+                }
+            }
+            Assignment::Revoked(partitions) => {
+                self.checkpoint()?;
+                for p in partitions {
+                    self.core.parts.remove(&p);
+                    self.core.marks.revoke(p);
+                }
+                tracing::info!(owned = ?self.core.parts.keys().collect::<Vec<_>>(), "partitions revoked");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Core {
+    fn assign(&mut self, p: i32) -> Result<(), PipelineError> {
+        if self.parts.contains_key(&p) {
+            return Ok(());
+        }
+        let meta = self.store.partition_meta(p)?;
+        let windows = self.store.load_windows(p)?;
+        tracing::info!(
+            partition = p,
+            next_offset = ?meta.map(|m| m.next_offset),
+            open_windows = windows.windows.len(),
+            "partition assigned, state restored"
+        );
+        self.marks.assign(p, meta.and_then(|m| m.max_event_time), self.now);
+        self.parts.insert(
+            p,
+            PartitionState {
+                windows,
+                next_offset: meta.map(|m| m.next_offset),
+                paused: false,
+                counters: PartitionCounters::new(&self.topic, p),
+            },
+        );
+        Ok(())
+    }
+
+    fn handle(&mut self, message: &BorrowedMessage<'_>) -> Result<(), PipelineError> {
+        let p = message.partition();
+        let Some(part) = self.parts.get_mut(&p) else {
+            tracing::warn!(partition = p, "record from a partition this instance does not own");
+            return Ok(());
+        };
+        let offset = message.offset();
+        if part.next_offset.is_some_and(|next| offset < next) {
+            return Ok(()); // already reflected in the checkpointed state
+        }
+        part.next_offset = Some(offset + 1);
+        part.counters.consumed();
+        self.processed += 1;
+        self.marks.touch(p, self.now);
+        let origin = Origin {
+            partition: p,
+            offset,
+            timestamp: message.timestamp().to_millis(),
+        };
+        let (key, value) = (message.key(), message.payload());
+        let event = match self.decoder.decode(key, value)? {
+            Ok(event) => event,
+            Err(e) => {
+                part.counters.dead_lettered(e.reason());
+                return self.sink.send_dead_letter(key, value, origin, &e);
+            }
+        };
+        part.counters.decoded();
+        // One client clock far in the future must not drag the watermark forward.
+        if let Some(ts) = origin.timestamp {
+            let ahead_ms = event.event_time - ts;
+            if ahead_ms > self.max_future_skew {
+                let e = DecodeError::FutureSkew {
+                    event_time: event.event_time,
+                    ahead_ms,
+                    limit_ms: self.max_future_skew,
+                };
+                part.counters.dead_lettered(e.reason());
+                return self.sink.send_dead_letter(key, value, origin, &e);
+            }
+        }
+        let start = self.spec.start(event.event_time);
+        let watermark = self.marks.partition(p).max(self.closed_through);
+        if self.spec.is_closed(start, watermark) {
+            part.counters.late();
+            self.sink.send_late(key, value, origin, start, watermark)?;
+        } else {
+            part.windows.add(&self.spec, &self.dimensions, &event);
+        }
+        self.marks.observe(p, event.event_time);
+        Ok(())
+    }
+
+    /// Merges and emits every window closed at operator watermark `watermark`.
+    fn close_windows(&mut self, watermark: i64) -> Result<(), PipelineError> {
+        let mut closed: BTreeMap<i64, WindowPartial> = BTreeMap::new();
+        for (&p, part) in self.parts.iter_mut() {
+            for (start, partial) in part.windows.take_closed(&self.spec, watermark) {
+                closed.entry(start).or_default().merge(&partial);
+                self.emitted.push((p, start));
+            }
+        }
+        self.closed_through = self.closed_through.max(watermark);
+        if closed.is_empty() {
+            return Ok(());
+        }
+        let mut emitted = 0;
+        let last = closed.keys().next_back().copied();
+        for (start, partial) in &closed {
+            for result in partial.results(&self.spec, *start) {
+                self.sink.send_result(&result)?;
+                emitted += 1;
+                if Some(*start) == last && self.gauge_slot(&result.dimension) {
+                    metrics::last_window(&result.dimension, &result.value, result.concurrent_viewers, result.rebuffer_ratio);
+                }
+                if let Some(hook) = self.on_result.as_mut() {
+                    hook(&result);
+                }
+            }
+        }
+        metrics::windows_closed(closed.len() as u64);
+        metrics::results_emitted(emitted);
+        Ok(())
+    }
+
+    fn gauge_slot(&self, dimension: &str) -> bool {
+        dimension == "all" || self.gauge_slots.iter().any(|&s| crate::window::slot_name(s) == dimension)
+    }
+
+    /// Steps 1 and 2 of a checkpoint; returns the offsets to commit to Kafka.
+    fn checkpoint(&mut self) -> Result<Vec<(i32, i64)>, PipelineError> {
+        let started = Instant::now();
+        self.sink.flush()?;
+        let flushed = Instant::now();
+        let mut batch = WriteBatch::default();
+        for (p, start) in self.emitted.drain(..) {
+            self.store.stage_window_delete(&mut batch, p, start);
+        }
+        let mut offsets = Vec::with_capacity(self.parts.len());
+        for (&p, part) in self.parts.iter_mut() {
+            self.store.stage_windows(&mut batch, p, &mut part.windows);
+            if let Some(next_offset) = part.next_offset {
+                let meta = PartitionMeta {
+                    next_offset,
+                    max_event_time: self.marks.max_event_time(p),
+                };
+                self.store.stage_meta(&mut batch, p, meta);
+                offsets.push((p, next_offset));
+            }
+        }
+        if self.closed_through != i64::MIN {
+            self.store.stage_closed_through(&mut batch, self.closed_through);
+        }
+        self.store.commit(batch)?;
+        metrics::checkpoint(flushed - started, flushed.elapsed());
+        metrics::state_size(self.store.size_bytes());
+        Ok(offsets)
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn wall_clock_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,0 +1,289 @@
+//! The producer side: Avro encoding with registered schemas, result records, the late and
+//! dead-letter copies (original bytes plus `marquee.*` headers), and delivery tracking.
+//!
+//! Sends are asynchronous; [`Sink::flush`] waits for every delivery and fails if any failed.
+//! The pipeline flushes before it writes a checkpoint, so an offset is only stored once the
+//! outputs it produced are on the broker (at-least-once; keyed, deterministic outputs make a
+//! replay overwrite rather than add).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use apache_avro::{GenericDatumWriter, Schema};
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders, ToBytes};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientContext, Message};
+use serde::Serialize;
+
+use crate::decode::frame;
+use crate::error::{DecodeError, PipelineError, RegistryError};
+use crate::record::{Origin, QosWindow};
+use crate::registry::SchemaRegistry;
+
+/// The schema of QoS window results.
+pub const QOS_WINDOW_SCHEMA: &str = include_str!("../avro/qos_window.avsc");
+
+/// Encodes values of one registered schema as Confluent-framed Avro.
+pub struct AvroEncoder {
+    writer: GenericDatumWriter<'static>,
+    id: u32,
+}
+
+impl AvroEncoder {
+    /// Registers `schema` under `subject` and prepares a writer for it.
+    pub fn register(registry: &dyn SchemaRegistry, subject: &str, schema: &str) -> Result<Self, RegistryError> {
+        let parsed = Schema::parse_str(schema).map_err(|e| RegistryError::InvalidSchema(e.to_string()))?;
+        let id = registry.register(subject, schema)?;
+        // One schema per output topic for the life of the process.
+        let parsed: &'static Schema = Box::leak(Box::new(parsed));
+        let writer = GenericDatumWriter::builder(parsed)
+            .build()
+            .map_err(|e| RegistryError::InvalidSchema(e.to_string()))?;
+        Ok(Self { writer, id })
+    }
+
+    /// The registry id of the schema.
+    pub fn schema_id(&self) -> u32 {
+        self.id
+    }
+
+    /// Serializes `value` and frames it.
+    pub fn encode<T: Serialize>(&self, value: &T) -> Result<Vec<u8>, PipelineError> {
+        let payload = self.writer.write_ser_to_vec(value).map_err(|e| PipelineError::Encode {
+            what: std::any::type_name::<T>().to_string(),
+            message: e.to_string(),
+        })?;
+        Ok(frame(self.id, &payload))
+    }
+}
+
+/// Counts failed deliveries; reported by the next [`Sink::flush`].
+#[derive(Default)]
+pub struct DeliveryTracker {
+    failures: AtomicU64,
+    first_error: Mutex<Option<String>>,
+}
+
+impl ClientContext for DeliveryTracker {}
+
+impl ProducerContext for DeliveryTracker {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((error, message)) = result {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            let mut first = self.first_error.lock().unwrap_or_else(|e| e.into_inner());
+            first.get_or_insert_with(|| format!("to {}: {error}", message.topic()));
+        }
+    }
+}
+
+/// Producer defaults: safe delivery and a bounded queue. Topology `sink.kafka` entries win.
+pub fn producer_config(brokers: &str, overrides: &BTreeMap<String, String>) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.kbytes", "65536")
+        .set("message.timeout.ms", "60000");
+    for (k, v) in overrides {
+        config.set(k, v);
+    }
+    config
+}
+
+/// Topic names of a pipeline's outputs.
+#[derive(Debug, Clone)]
+pub struct OutputTopics {
+    pub results: String,
+    pub late: String,
+    pub dead_letter: String,
+}
+
+/// Writes results, late and dead-letter records.
+pub struct Sink {
+    producer: ThreadedProducer<DeliveryTracker>,
+    topics: OutputTopics,
+    source_topic: String,
+    results: AvroEncoder,
+}
+
+impl Sink {
+    /// Connects a producer and registers the result schema as `<results topic>-value`.
+    pub fn new(
+        config: &ClientConfig,
+        topics: OutputTopics,
+        source_topic: &str,
+        registry: &dyn SchemaRegistry,
+    ) -> Result<Self, PipelineError> {
+        let results = AvroEncoder::register(registry, &format!("{}-value", topics.results), QOS_WINDOW_SCHEMA)?;
+        let producer: ThreadedProducer<DeliveryTracker> = config
+            .create_with_context(DeliveryTracker::default())
+            .map_err(PipelineError::kafka("creating the producer"))?;
+        Ok(Self {
+            producer,
+            topics,
+            source_topic: source_topic.to_string(),
+            results,
+        })
+    }
+
+    /// Sends one final window result, keyed `<dimension>/<value>/<window_start>`.
+    pub fn send_result(&self, window: &QosWindow) -> Result<(), PipelineError> {
+        let value = self.results.encode(window)?;
+        let key = window.key();
+        self.send(BaseRecord::to(&self.topics.results).key(key.as_bytes()).payload(&value))
+    }
+
+    /// Sends a late record unchanged to the late topic.
+    pub fn send_late(
+        &self,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        origin: Origin,
+        window_start: i64,
+        watermark: i64,
+    ) -> Result<(), PipelineError> {
+        let headers = self
+            .origin_headers(origin, "late")
+            .insert(header("marquee.window.start", &window_start.to_string()))
+            .insert(header("marquee.watermark", &watermark.to_string()));
+        self.send_copy(&self.topics.late, key, value, origin, headers)
+    }
+
+    /// Sends an undecodable or untrusted record unchanged to the dead-letter topic.
+    pub fn send_dead_letter(
+        &self,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        origin: Origin,
+        error: &DecodeError,
+    ) -> Result<(), PipelineError> {
+        let headers = self
+            .origin_headers(origin, error.reason())
+            .insert(header("marquee.error", &error.to_string()));
+        self.send_copy(&self.topics.dead_letter, key, value, origin, headers)
+    }
+
+    /// Waits until every record sent so far is delivered; fails if any delivery failed.
+    pub fn flush(&self) -> Result<(), PipelineError> {
+        flush_and_check(&self.producer)
+    }
+
+    fn origin_headers(&self, origin: Origin, reason: &str) -> OwnedHeaders {
+        OwnedHeaders::new_with_capacity(6)
+            .insert(header("marquee.reason", reason))
+            .insert(header("marquee.source.topic", &self.source_topic))
+            .insert(header("marquee.source.partition", &origin.partition.to_string()))
+            .insert(header("marquee.source.offset", &origin.offset.to_string()))
+    }
+
+    fn send_copy(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        origin: Origin,
+        headers: OwnedHeaders,
+    ) -> Result<(), PipelineError> {
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).headers(headers);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        if let Some(value) = value {
+            record = record.payload(value);
+        }
+        if let Some(ts) = origin.timestamp {
+            record = record.timestamp(ts);
+        }
+        self.send(record)
+    }
+
+    fn send<K, P>(&self, record: BaseRecord<'_, K, P>) -> Result<(), PipelineError>
+    where
+        K: ToBytes + ?Sized,
+        P: ToBytes + ?Sized,
+    {
+        send_with_backpressure(&self.producer, record)
+    }
+}
+
+/// Sends, waiting while the bounded local queue is full (backpressure, never a drop).
+pub fn send_with_backpressure<K, P>(
+    producer: &ThreadedProducer<DeliveryTracker>,
+    mut record: BaseRecord<'_, K, P>,
+) -> Result<(), PipelineError>
+where
+    K: ToBytes + ?Sized,
+    P: ToBytes + ?Sized,
+{
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err((e, _)) => return Err(PipelineError::kafka("sending a record")(e)),
+        }
+    }
+}
+
+/// Waits for every record `producer` has queued; fails if any delivery failed.
+pub fn flush_and_check(producer: &ThreadedProducer<DeliveryTracker>) -> Result<(), PipelineError> {
+    producer
+        .flush(Duration::from_secs(60))
+        .map_err(PipelineError::kafka("flushing outputs (is the broker reachable?)"))?;
+    let tracker = producer.context();
+    let failures = tracker.failures.swap(0, Ordering::Relaxed);
+    if failures > 0 {
+        let first = tracker.first_error.lock().unwrap_or_else(|e| e.into_inner()).take();
+        return Err(PipelineError::Other(format!(
+            "{failures} record(s) were not delivered, first {}",
+            first.unwrap_or_default()
+        )));
+    }
+    Ok(())
+}
+
+/// Creates `topics` with `partitions` partitions where they do not exist yet. Brokers that
+/// cannot create topics (or auto-create them) only get a warning.
+pub fn ensure_topics(config: &ClientConfig, topics: &[&str], partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = match config.create() {
+        Ok(admin) => admin,
+        Err(e) => return tracing::warn!(error = %e, "cannot create an admin client"),
+    };
+    let new: Vec<_> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => return tracing::warn!(error = %e, "cannot start a runtime for topic creation"),
+    };
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    match runtime.block_on(admin.create_topics(&new, &options)) {
+        Ok(results) => {
+            for result in results {
+                match result {
+                    Ok(topic) => tracing::info!(topic, partitions, "created topic"),
+                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((topic, code)) => tracing::warn!(topic, %code, "cannot create topic"),
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot create topics; expecting them to exist"),
+    }
+}
+
+fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
+    Header { key, value: Some(value) }
+}

@@ -1,0 +1,331 @@
+//! Tumbling event-time windows: pure window math, the QoS aggregate of one window and group,
+//! and the open windows of one input partition.
+//!
+//! A window `[start, end)` closes when the watermark reaches `end + grace`; a record whose
+//! window has closed by its own partition's watermark (or was already emitted) is late.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use crate::config::Dimension;
+use crate::record::{rebuffer_ratio, EventType, PlaybackEvent, QosWindow};
+
+/// Size and grace of tumbling windows, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowSpec {
+    pub size: i64,
+    pub grace: i64,
+}
+
+impl WindowSpec {
+    /// Windows of `size`, accepting records until the watermark reaches `end + grace`.
+    pub fn new(size: Duration, grace: Duration) -> Self {
+        Self {
+            size: size.as_millis() as i64,
+            grace: grace.as_millis() as i64,
+        }
+    }
+
+    /// Start of the window containing event time `t` (windows are aligned to the epoch).
+    ///
+    /// ```
+    /// # use marquee::window::WindowSpec;
+    /// let w = WindowSpec { size: 60_000, grace: 0 };
+    /// assert_eq!(w.start(119_999), 60_000);
+    /// assert_eq!(w.start(-1), -60_000);
+    /// ```
+    pub fn start(&self, t: i64) -> i64 {
+        t.div_euclid(self.size) * self.size
+    }
+
+    /// The watermark at which the window starting at `start` closes: `end + grace`.
+    pub fn closes_at(&self, start: i64) -> i64 {
+        start + self.size + self.grace
+    }
+
+    /// Whether the window starting at `start` is closed once the watermark is `watermark`.
+    ///
+    /// ```
+    /// # use marquee::window::WindowSpec;
+    /// let w = WindowSpec { size: 10, grace: 5 };
+    /// assert!(!w.is_closed(0, 14));
+    /// assert!(w.is_closed(0, 15));
+    /// ```
+    pub fn is_closed(&self, start: i64, watermark: i64) -> bool {
+        watermark >= self.closes_at(start)
+    }
+}
+
+/// Number of group slots: `all` plus one per [`Dimension`].
+pub const GROUP_SLOTS: usize = 5;
+
+/// Slot of the group `all`.
+pub const ALL: u8 = 0;
+
+/// The stable slot of a dimension (stored in state keys, so never renumber).
+pub fn slot(dimension: Dimension) -> u8 {
+    match dimension {
+        Dimension::Cdn => 1,
+        Dimension::Country => 2,
+        Dimension::DeviceType => 3,
+        Dimension::TitleId => 4,
+    }
+}
+
+/// The dimension name of a slot, as written in output records.
+pub fn slot_name(slot: u8) -> &'static str {
+    match slot {
+        1 => "cdn",
+        2 => "country",
+        3 => "device_type",
+        4 => "title_id",
+        _ => "all",
+    }
+}
+
+/// The groups an event belongs to: `all` and one value per configured dimension.
+pub fn groups<'e>(
+    dimensions: &'e [Dimension],
+    event: &'e PlaybackEvent,
+) -> impl Iterator<Item = (u8, &'e str)> + 'e {
+    std::iter::once((ALL, "all")).chain(dimensions.iter().map(move |d| {
+        let value = match d {
+            Dimension::Cdn => &event.cdn,
+            Dimension::Country => &event.country,
+            Dimension::DeviceType => &event.device_type,
+            Dimension::TitleId => &event.title_id,
+        };
+        (slot(*d), value.as_str())
+    }))
+}
+
+/// A stable 64-bit hash of a session id (FNV-1a): stored in state, so it must not change
+/// between runs or Rust versions. Distinct-session counts are exact up to hash collisions,
+/// about one in 10^7 for ten million sessions in one window and group.
+pub fn session_hash(session_id: &str) -> u64 {
+    session_id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The QoS aggregate of one window and group.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct GroupAgg {
+    pub play_ms: i64,
+    pub rebuffer_ms: i64,
+    pub rebuffer_events: i64,
+    /// Hashes of sessions with a PLAY or HEARTBEAT in the window.
+    pub viewers: HashSet<u64>,
+    /// Counters changed since the last checkpoint.
+    pub dirty: bool,
+    /// Viewers added since the last checkpoint (written as their own state entries).
+    pub fresh_viewers: Vec<u64>,
+}
+
+impl GroupAgg {
+    /// Adds one event of session `session` (its [`session_hash`]).
+    pub fn add(&mut self, event: &PlaybackEvent, session: u64) {
+        self.play_ms += event.play_ms;
+        self.rebuffer_ms += event.rebuffer_ms;
+        match event.event_type {
+            EventType::RebufferStart => self.rebuffer_events += 1,
+            EventType::Play | EventType::Heartbeat => {
+                if self.viewers.insert(session) {
+                    self.fresh_viewers.push(session);
+                }
+            }
+            _ => {}
+        }
+        self.dirty = true;
+    }
+
+    /// Merges the partial of another partition into this one.
+    pub fn merge(&mut self, other: &GroupAgg) {
+        self.play_ms += other.play_ms;
+        self.rebuffer_ms += other.rebuffer_ms;
+        self.rebuffer_events += other.rebuffer_events;
+        self.viewers.extend(&other.viewers);
+    }
+}
+
+/// Every group's aggregate of one window, indexed by slot then group value.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct WindowPartial {
+    pub groups: [HashMap<Box<str>, GroupAgg>; GROUP_SLOTS],
+}
+
+impl WindowPartial {
+    /// The aggregate of `(slot, value)`, created empty on first use.
+    pub fn group_mut(&mut self, slot: u8, value: &str) -> &mut GroupAgg {
+        let map = &mut self.groups[slot as usize];
+        if !map.contains_key(value) {
+            map.insert(value.into(), GroupAgg::default());
+        }
+        map.get_mut(value).expect("inserted above")
+    }
+
+    /// Merges another partition's partial of the same window.
+    pub fn merge(&mut self, other: &WindowPartial) {
+        for (slot, map) in other.groups.iter().enumerate() {
+            for (value, agg) in map {
+                self.group_mut(slot as u8, value).merge(agg);
+            }
+        }
+    }
+
+    /// Number of groups with data.
+    pub fn len(&self) -> usize {
+        self.groups.iter().map(HashMap::len).sum()
+    }
+
+    /// Whether no group has data.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The final results of this window, ordered by dimension slot then value.
+    pub fn results(&self, spec: &WindowSpec, start: i64) -> Vec<QosWindow> {
+        let mut out = Vec::with_capacity(self.len());
+        for (slot, map) in self.groups.iter().enumerate() {
+            let mut values: Vec<_> = map.iter().collect();
+            values.sort_by(|a, b| a.0.cmp(b.0));
+            for (value, agg) in values {
+                out.push(QosWindow {
+                    window_start: start,
+                    window_end: start + spec.size,
+                    dimension: slot_name(slot as u8).to_string(),
+                    value: value.to_string(),
+                    concurrent_viewers: agg.viewers.len() as i64,
+                    play_ms: agg.play_ms,
+                    rebuffer_ms: agg.rebuffer_ms,
+                    rebuffer_events: agg.rebuffer_events,
+                    rebuffer_ratio: rebuffer_ratio(agg.play_ms, agg.rebuffer_ms),
+                    is_final: true,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// The open windows of one input partition, by window start.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct PartitionWindows {
+    pub windows: BTreeMap<i64, WindowPartial>,
+}
+
+impl PartitionWindows {
+    /// Adds an on-time event to its window.
+    pub fn add(&mut self, spec: &WindowSpec, dimensions: &[Dimension], event: &PlaybackEvent) {
+        let session = session_hash(&event.session_id);
+        let window = self.windows.entry(spec.start(event.event_time)).or_default();
+        for (slot, value) in groups(dimensions, event) {
+            window.group_mut(slot, value).add(event, session);
+        }
+    }
+
+    /// Removes and returns the windows closed at `watermark`, oldest first.
+    pub fn take_closed(&mut self, spec: &WindowSpec, watermark: i64) -> Vec<(i64, WindowPartial)> {
+        let mut closed = Vec::new();
+        while let Some(entry) = self.windows.first_entry() {
+            if !spec.is_closed(*entry.key(), watermark) {
+                break;
+            }
+            closed.push(entry.remove_entry());
+        }
+        closed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn event(session: &str, t: i64, kind: EventType, play: i64, rebuffer: i64) -> PlaybackEvent {
+        PlaybackEvent {
+            event_id: format!("{session}-{t}"),
+            session_id: session.into(),
+            account_id: "a".into(),
+            profile_id: "p".into(),
+            device_id: "d".into(),
+            device_type: "tv".into(),
+            title_id: "t".into(),
+            country: "NL".into(),
+            cdn: if session.len() % 2 == 0 { "akamai" } else { "fastly" }.into(),
+            event_type: kind,
+            event_time: t,
+            position_ms: 0,
+            duration_ms: None,
+            play_ms: play,
+            rebuffer_ms: rebuffer,
+            startup_ms: None,
+            bitrate_kbps: None,
+            error_code: None,
+        }
+    }
+
+    #[test]
+    fn metrics_follow_their_definitions() {
+        let spec = WindowSpec { size: 60_000, grace: 0 };
+        let dims = [Dimension::Cdn];
+        let mut p = PartitionWindows::default();
+        p.add(&spec, &dims, &event("s1", 1_000, EventType::Play, 0, 0));
+        p.add(&spec, &dims, &event("s1", 2_000, EventType::Heartbeat, 1_000, 0));
+        p.add(&spec, &dims, &event("s22", 3_000, EventType::RebufferStart, 500, 0));
+        p.add(&spec, &dims, &event("s22", 4_000, EventType::RebufferEnd, 0, 500));
+        p.add(&spec, &dims, &event("s333", 61_000, EventType::Heartbeat, 10, 0));
+        let closed = p.take_closed(&spec, 60_000);
+        assert_eq!(closed.len(), 1);
+        let results = closed[0].1.results(&spec, 0);
+        let all = &results[0];
+        assert_eq!((all.dimension.as_str(), all.value.as_str()), ("all", "all"));
+        assert_eq!(all.concurrent_viewers, 1, "only s1 had PLAY or HEARTBEAT");
+        assert_eq!((all.play_ms, all.rebuffer_ms, all.rebuffer_events), (1_500, 500, 1));
+        assert_eq!(all.rebuffer_ratio, Some(0.25));
+        assert_eq!(results.len(), 3, "all, cdn=akamai, cdn=fastly");
+        assert_eq!(p.windows.len(), 1, "the next window stays open");
+    }
+
+    #[test]
+    fn nothing_played_has_no_ratio() {
+        assert_eq!(rebuffer_ratio(0, 0), None);
+    }
+
+    proptest! {
+        /// Any split of events over partitions merges to the single-partition result.
+        #[test]
+        fn partials_merge_like_one_partition(
+            events in prop::collection::vec((0u8..6, 0i64..200_000, 0u8..4, 0i64..5_000, 0i64..500, 0usize..3), 1..120)
+        ) {
+            let spec = WindowSpec { size: 30_000, grace: 5_000 };
+            let dims = [Dimension::Cdn, Dimension::Country];
+            let kinds = [EventType::Play, EventType::Heartbeat, EventType::RebufferStart, EventType::End];
+            let mut single = PartitionWindows::default();
+            let mut split = [PartitionWindows::default(), PartitionWindows::default(), PartitionWindows::default()];
+            for (s, t, k, play, rebuf, part) in events {
+                let e = event(&format!("s{s}"), t, kinds[k as usize], play, rebuf);
+                single.add(&spec, &dims, &e);
+                split[part].add(&spec, &dims, &e);
+            }
+            let watermark = i64::MAX;
+            let mut merged: BTreeMap<i64, WindowPartial> = BTreeMap::new();
+            for p in &mut split {
+                for (start, partial) in p.take_closed(&spec, watermark) {
+                    merged.entry(start).or_default().merge(&partial);
+                }
+            }
+            let expected: Vec<_> = single.take_closed(&spec, watermark).into_iter().flat_map(|(s, w)| w.results(&spec, s)).collect();
+            let actual: Vec<_> = merged.iter().flat_map(|(s, w)| w.results(&spec, *s)).collect();
+            prop_assert_eq!(expected, actual);
+        }
+
+        #[test]
+        fn every_time_falls_in_exactly_its_window(t in -10_000_000_000i64..10_000_000_000, size in 1i64..86_400_000) {
+            let spec = WindowSpec { size, grace: 0 };
+            let start = spec.start(t);
+            prop_assert!(start <= t && t < start + size);
+            prop_assert_eq!(start.rem_euclid(size), 0);
+        }
+    }
+}

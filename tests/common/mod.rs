@@ -1,0 +1,233 @@
+//! Shared test harness: one Tansu broker and one embedded registry per test binary, topic and
+//! group names that never collide, and a naive reference implementation of the QoS rules.
+#![allow(dead_code)]
+
+pub mod qos;
+pub mod reference;
+
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use marquee::registry::EmbeddedRegistry;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+
+/// A Tansu broker on a free loopback port, killed with the test process.
+pub struct Broker {
+    pub addr: String,
+    _child: Child,
+}
+
+/// The broker shared by every test in this binary.
+pub fn broker() -> &'static Broker {
+    static BROKER: OnceLock<Broker> = OnceLock::new();
+    BROKER.get_or_init(start_tansu)
+}
+
+fn tansu_binary() -> String {
+    let candidates = [
+        std::env::var("TANSU").ok(),
+        std::env::var("CARGO_HOME").ok().map(|h| format!("{h}/bin/tansu")),
+        std::env::var("HOME").ok().map(|h| format!("{h}/.cargo/bin/tansu")),
+    ];
+    for path in candidates.into_iter().flatten() {
+        if std::path::Path::new(&path).is_file() {
+            return path;
+        }
+    }
+    if Command::new("tansu").arg("--version").output().is_ok() {
+        return "tansu".into();
+    }
+    panic!(
+        "the Tansu Kafka broker is needed for this test and was not found.\n\
+         Install it with: cargo install tansu --locked --features dynostore\n\
+         (or run `bash .ci/run`, which installs everything the tests need)"
+    );
+}
+
+fn start_tansu() -> Broker {
+    let binary = tansu_binary();
+    let port = free_port();
+    let url = format!("tcp://127.0.0.1:{port}");
+    let mut command = Command::new(&binary);
+    command
+        .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: prctl is async-signal-safe; it makes the broker die with the test process.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let child = command.spawn().unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "Tansu did not listen on port {port} within 30s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Broker {
+        addr: format!("127.0.0.1:{port}"),
+        _child: child,
+    }
+}
+
+/// The schema registry shared by every test in this binary.
+pub fn registry() -> &'static EmbeddedRegistry {
+    static REGISTRY: OnceLock<EmbeddedRegistry> = OnceLock::new();
+    REGISTRY.get_or_init(|| EmbeddedRegistry::start().expect("embedded registry starts"))
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A name no other test (or earlier run against the same broker) uses.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}-{}",
+        std::process::id(),
+        marquee::pipeline::wall_clock_ms() % 1_000_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Creates `topic` with `partitions` partitions and waits until its metadata shows them.
+pub fn create_topic(brokers: &str, topic: &str, partitions: i32) {
+    let config = marquee::sink::producer_config(brokers, &Default::default());
+    marquee::sink::ensure_topics(&config, &[topic], partitions);
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("metadata client");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let found = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .ok()
+            .and_then(|m| m.topics().first().map(|t| t.partitions().len()))
+            .unwrap_or(0);
+        if found as i32 == partitions {
+            return;
+        }
+        assert!(Instant::now() < deadline, "topic {topic} has {found} partitions, expected {partitions}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One record read back from a topic.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Consumed {
+    /// The value of header `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// The key as UTF-8.
+    pub fn key_str(&self) -> String {
+        String::from_utf8_lossy(self.key.as_deref().unwrap_or_default()).into_owned()
+    }
+}
+
+/// Reads `topic` from the beginning until at least `expected` records arrived and nothing new
+/// came for `quiet`, or `timeout` passed.
+pub fn read_topic(brokers: &str, topic: &str, expected: usize, quiet: Duration, timeout: Duration) -> Vec<Consumed> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .expect("reader consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("topic metadata");
+    let mut tpl = TopicPartitionList::new();
+    for p in metadata.topics()[0].partitions() {
+        tpl.add_partition_offset(topic, p.id(), Offset::Beginning).expect("partition");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + timeout;
+    let mut last_new = Instant::now();
+    while Instant::now() < deadline {
+        if out.len() >= expected && last_new.elapsed() >= quiet {
+            break;
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(Consumed {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    value: m.payload().map(<[u8]>::to_vec),
+                    headers,
+                });
+                last_new = Instant::now();
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    out
+}
+
+/// Decodes a Confluent-framed `QosWindow` value with the schema in `avro/`.
+pub fn decode_qos(value: &[u8]) -> marquee::record::QosWindow {
+    let (_, mut payload) = marquee::decode::split_frame(value).expect("framed result");
+    let schema = apache_avro::Schema::parse_str(marquee::sink::QOS_WINDOW_SCHEMA).unwrap();
+    let v = apache_avro::from_avro_datum(&schema, &mut payload, None).expect("QosWindow Avro");
+    apache_avro::from_value(&v).expect("QosWindow fields")
+}
+
+/// GETs `path` from `addr` and returns (status, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// Polls `check` every 100ms until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,182 @@
+//! QoS test fixtures shared by the broker tests: the rules, a generated dataset and its
+//! expected results, a feeder that keeps per-partition order, and result comparisons.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use marquee::config::Topology;
+use marquee::decode::{frame, Decoder, PLAYBACK_EVENT_SCHEMA};
+use marquee::gen::{partition_for, GenOptions, Generator};
+use marquee::record::{PlaybackEvent, QosWindow};
+use marquee::registry::{HttpRegistry, SchemaRegistry};
+use marquee::sink::{producer_config, AvroEncoder, DeliveryTracker};
+use rdkafka::producer::{BaseRecord, ThreadedProducer};
+
+use super::reference::{self, Expected, Rules};
+use super::{decode_qos, registry, Consumed};
+
+pub const RULES: Rules = Rules {
+    window: 10_000,
+    grace: 5_000,
+    out_of_orderness: 2_000,
+};
+
+/// A topology with the test rules and fresh topic names.
+pub fn topology(input: &str, state: &Path) -> Topology {
+    let text = format!(
+        r#"
+name = "qos-test"
+[source]
+topic = "{input}"
+group_id = "{input}-group"
+[source.kafka]
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "500"
+[time]
+out_of_orderness = "2s"
+idle_timeout = "4s"
+max_future_skew = "1h"
+[qos]
+window = "10s"
+grace = "5s"
+[sink]
+topic = "{input}-qos"
+late_topic = "{input}-late"
+dead_letter_topic = "{input}-dead"
+[state]
+dir = "{}"
+checkpoint_interval = "200ms"
+"#,
+        state.display()
+    );
+    Topology::parse(&text, Path::new("test.toml")).expect("test topology is valid")
+}
+
+/// Generated events, keyed to partitions 0 and 1 of a 3-partition topic (2 stays empty and
+/// must go idle instead of stalling every window).
+pub fn dataset(seed: u64, count: usize) -> Vec<(i32, PlaybackEvent)> {
+    let options = GenOptions {
+        seed,
+        session_interval_ms: 300,
+        heartbeat_ms: 10_000,
+        max_watch_ms: 180_000,
+        disorder_ms: 3_000,
+        late_share: 0.02,
+        late_delay_ms: 60_000,
+        ..GenOptions::default()
+    };
+    Generator::new(options)
+        .take(count)
+        .map(|a| (partition_for(&a.event.session_id, 2), a.event))
+        .collect()
+}
+
+pub fn expected(events: &[(i32, PlaybackEvent)]) -> Expected {
+    let mut per_partition: BTreeMap<i32, Vec<PlaybackEvent>> = BTreeMap::new();
+    for (p, e) in events {
+        per_partition.entry(*p).or_default().push(e.clone());
+    }
+    reference::compute(RULES, &per_partition)
+}
+
+/// Sends records in order, one producer, so each partition keeps the dataset's order.
+pub struct Feeder {
+    producer: ThreadedProducer<DeliveryTracker>,
+    pub v1: AvroEncoder,
+    v2_id: u32,
+    topic: String,
+}
+
+impl Feeder {
+    pub fn new(brokers: &str, topic: &str) -> Self {
+        let registry = HttpRegistry::new(&registry().url()).unwrap();
+        let subject = format!("{topic}-value");
+        let v1 = AvroEncoder::register(&registry, &subject, PLAYBACK_EVENT_SCHEMA).unwrap();
+        // Schema evolution: a producer adds an optional field at the end.
+        let v2 = PLAYBACK_EVENT_SCHEMA.replacen(
+            r#""doc": "On ERROR."}"#,
+            r#""doc": "On ERROR."},
+    {"name": "hdr", "type": ["null", "boolean"], "default": null}"#,
+            1,
+        );
+        assert_ne!(v2, PLAYBACK_EVENT_SCHEMA);
+        let v2_id = registry.register(&subject, &v2).unwrap();
+        let producer = producer_config(brokers, &Default::default())
+            .create_with_context(DeliveryTracker::default())
+            .unwrap();
+        Self { producer, v1, v2_id, topic: topic.to_string() }
+    }
+
+    /// Every 10th event is written with the v2 writer schema.
+    pub fn event(&self, partition: i32, e: &PlaybackEvent, i: usize) {
+        let framed = self.v1.encode(e).unwrap();
+        let value = if i % 10 == 0 {
+            // The v2 record is the v1 record followed by `hdr`: null is union branch 0.
+            let mut payload = framed[5..].to_vec();
+            payload.push(0);
+            frame(self.v2_id, &payload)
+        } else {
+            framed
+        };
+        self.raw(partition, Some(e.session_id.as_bytes()), Some(&value));
+    }
+
+    pub fn raw(&self, partition: i32, key: Option<&[u8]>, value: Option<&[u8]>) {
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&self.topic).partition(partition);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(v) = value {
+            record = record.payload(v);
+        }
+        marquee::sink::send_with_backpressure(&self.producer, record).unwrap();
+    }
+
+    pub fn flush(&self) {
+        marquee::sink::flush_and_check(&self.producer).unwrap();
+    }
+}
+
+pub fn results_by_key(records: &[Consumed]) -> BTreeMap<String, QosWindow> {
+    let mut by_key: BTreeMap<String, QosWindow> = BTreeMap::new();
+    for r in records {
+        let w = decode_qos(r.value.as_deref().expect("results have values"));
+        assert_eq!(r.key_str(), w.key(), "key matches the record");
+        if let Some(previous) = by_key.insert(w.key(), w.clone()) {
+            assert_eq!(previous, w, "a key was emitted twice with different values");
+        }
+    }
+    by_key
+}
+
+pub fn assert_results_equal(actual: &BTreeMap<String, QosWindow>, expected: &BTreeMap<String, QosWindow>) {
+    let missing: Vec<_> = expected.keys().filter(|k| !actual.contains_key(*k)).take(5).collect();
+    let extra: Vec<_> = actual.keys().filter(|k| !expected.contains_key(*k)).take(5).collect();
+    let differing: Vec<_> = expected
+        .iter()
+        .filter_map(|(k, e)| actual.get(k).filter(|a| *a != e).map(|a| (e, a)))
+        .take(3)
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty() && differing.is_empty(),
+        "{} results, {} expected; missing {missing:?}; extra {extra:?}; differing (expected, actual) {differing:#?}",
+        actual.len(),
+        expected.len()
+    );
+}
+
+pub fn late_event_ids(records: &[Consumed]) -> BTreeSet<String> {
+    let mut decoder = Decoder::new(Arc::new(HttpRegistry::new(&registry().url()).unwrap()));
+    records
+        .iter()
+        .map(|r| {
+            decoder
+                .decode(r.key.as_deref(), r.value.as_deref())
+                .unwrap()
+                .expect("late records are the original, decodable bytes")
+                .event_id
+        })
+        .collect()
+}
+

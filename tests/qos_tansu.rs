@@ -1,0 +1,204 @@
+//! End-to-end QoS tests on a real Kafka broker (Tansu): results equal a naive reference
+//! computation record for record, late and poison records land where they must, and a run
+//! killed with SIGKILL and restarted ends with the same records.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::qos::{assert_results_equal, dataset, expected, late_event_ids, results_by_key, topology, Feeder};
+use common::{broker, free_port, http_get, read_topic, registry, unique, wait_for, Consumed};
+use marquee::app::{self, Endpoints};
+use marquee::config::Topology;
+use marquee::decode::frame;
+use marquee::http::Health;
+use marquee::record::PlaybackEvent;
+use tokio_util::sync::CancellationToken;
+
+#[test]
+fn results_match_the_reference_with_disorder_lateness_poison_and_an_idle_partition() {
+    let brokers = broker().addr.clone();
+    let input = unique("qos-events");
+    common::create_topic(&brokers, &input, 3);
+    let state = tempfile::tempdir().unwrap();
+    let topology = topology(&input, state.path());
+
+    let events = dataset(7, 6_000);
+    let expected = expected(&events);
+    assert!(expected.late.len() > 20, "the dataset has late events ({})", expected.late.len());
+    assert!(expected.results.len() > 100);
+
+    let feeder = Feeder::new(&brokers, &input);
+    let valid = frame(999_999, b"\x02");
+    let poison: Vec<(&str, Option<&[u8]>, Option<Vec<u8>>)> = vec![
+        ("bad_magic_byte", Some(b"s-x"), Some(b"\x07\x00\x00\x00\x01garbage".to_vec())),
+        ("truncated", Some(b"s-x"), Some(vec![0, 0, 1])),
+        ("unknown_schema_id", Some(b"s-x"), Some(valid)),
+        ("missing_key", None, Some(feeder.v1.encode(&events[0].1).unwrap())),
+        ("bad_payload", Some(b"s-x"), Some(frame(feeder.v1.schema_id(), &[0x80, 0x80, 0x80]))),
+    ];
+    let mut future = events[1].1.clone();
+    future.event_id = "from-the-future".into();
+    future.event_time = marquee::pipeline::wall_clock_ms() + 86_400_000;
+    let future_value = feeder.v1.encode(&future).unwrap();
+    for (i, (p, e)) in events.iter().enumerate() {
+        feeder.event(*p, e, i);
+        if i % 1_000 == 500 {
+            let (_, key, value) = &poison[(i / 1_000) % poison.len()];
+            feeder.raw(*p, *key, value.as_deref());
+        }
+        if i == 3_000 {
+            feeder.raw(*p, Some(future.session_id.as_bytes()), Some(&future_value));
+        }
+    }
+    feeder.flush();
+    let poison_sent = 6;
+
+    let http = format!("127.0.0.1:{}", free_port());
+    let endpoints = Endpoints {
+        brokers: brokers.clone(),
+        registry: registry().url(),
+        http: Some(http.parse().unwrap()),
+    };
+    let shutdown = CancellationToken::new();
+    let health = Arc::new(Health::default());
+    let run = {
+        let (topology, shutdown, health) = (topology.clone(), shutdown.clone(), Arc::clone(&health));
+        std::thread::spawn(move || app::run(&topology, &endpoints, &shutdown, health, None))
+    };
+
+    let results = read_topic(&brokers, &topology.sink.topic, expected.results.len(), Duration::from_secs(6), Duration::from_secs(120));
+    let late = read_topic(&brokers, &topology.sink.late_topic, expected.late.len(), Duration::from_secs(1), Duration::from_secs(30));
+    let dead = read_topic(&brokers, &topology.sink.dead_letter_topic, poison_sent, Duration::from_secs(1), Duration::from_secs(30));
+
+    let (status, metrics) = http_get(&http, "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(http_get(&http, "/healthz").0, 200);
+    assert_eq!(http_get(&http, "/readyz").0, 200);
+    shutdown.cancel();
+    run.join().unwrap().expect("pipeline stops cleanly");
+
+    assert_results_equal(&results_by_key(&results), &expected.results);
+    assert_eq!(results.len(), expected.results.len(), "each window result is emitted once");
+
+    assert_eq!(late_event_ids(&late), expected.late, "the late topic holds exactly the late records");
+    assert_eq!(late.len(), expected.late.len());
+    for r in &late {
+        assert_eq!(r.header("marquee.reason"), Some("late"));
+        assert_eq!(r.header("marquee.source.topic"), Some(input.as_str()));
+        assert!(r.header("marquee.source.offset").is_some_and(|o| o.parse::<i64>().is_ok()));
+    }
+
+    let reasons: BTreeMap<&str, &Consumed> = dead.iter().map(|r| (r.header("marquee.reason").unwrap(), r)).collect();
+    assert_eq!(dead.len(), poison_sent, "{reasons:?}");
+    for (reason, key, value) in &poison {
+        let r = reasons.get(reason).unwrap_or_else(|| panic!("no dead letter with reason {reason}"));
+        assert_eq!(r.key.as_deref(), *key, "{reason}: key unchanged");
+        assert_eq!(r.value.as_deref(), value.as_deref(), "{reason}: value unchanged");
+        assert!(r.header("marquee.error").is_some_and(|e| !e.is_empty()));
+        assert!(r.header("marquee.source.partition").is_some());
+    }
+    assert_eq!(reasons["future_event_time"].value.as_deref(), Some(future_value.as_slice()));
+
+    for needle in [
+        "marquee_records_consumed_total{",
+        "marquee_records_decoded_total{",
+        "marquee_records_late_total{",
+        "reason=\"bad_magic_byte\"",
+        "marquee_watermark_lag_seconds{",
+        "marquee_windows_closed_total",
+        "marquee_window_results_emitted_total",
+        "marquee_state_store_size_bytes",
+        "marquee_checkpoint_write_duration_seconds_bucket",
+        "marquee_qos_concurrent_viewers{dimension=\"cdn\",value=\"akamai\"}",
+        "marquee_qos_rebuffer_ratio{dimension=\"all\",value=\"all\"}",
+        "marquee_partition_idle{",
+    ] {
+        assert!(metrics.contains(needle), "/metrics lacks {needle}:\n{metrics}");
+    }
+    assert!(!metrics.contains("title_id"), "no title-level series");
+}
+
+/// SIGKILL the binary twice while it consumes, restart it on the same state directory, and
+/// the derived topic ends with exactly the records of an uninterrupted run.
+#[test]
+fn sigkill_and_restart_ends_with_the_same_records() {
+    let brokers = broker().addr.clone();
+    let input = unique("kill-events");
+    common::create_topic(&brokers, &input, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let topology = topology(&input, &state);
+    let file = dir.path().join("qos.toml");
+    std::fs::write(
+        &file,
+        std::fs::read_to_string("topologies/qos.toml")
+            .unwrap()
+            .replace("\"playback-events\"", &format!("{:?}", input))
+            .replace("\"qos-windows\"", &format!("{:?}", topology.sink.topic))
+            .replace("\"qos-late\"", &format!("{:?}", topology.sink.late_topic))
+            .replace("\"qos-dead-letter\"", &format!("{:?}", topology.sink.dead_letter_topic))
+            .replace("\"data/qos\"", &format!("{:?}", state.display().to_string()))
+            .replace("checkpoint_interval = \"1s\"", "checkpoint_interval = \"100ms\"")
+            .replace("out_of_orderness = \"5s\"", "out_of_orderness = \"2s\"")
+            .replace("idle_timeout = \"30s\"", "idle_timeout = \"4s\"")
+            .replace("max_future_skew = \"5m\"", "max_future_skew = \"1h\"")
+            .replace("window = \"1m\"", "window = \"10s\"")
+            .replace("grace = \"30s\"", "grace = \"5s\"")
+            .replace("# group_id = \"marquee-qos\"", &format!("group_id = \"{input}-g\"\n[source.kafka]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n[time]\n")
+            .replacen("[time]\n", "", 1)),
+    )
+    .unwrap();
+    let reloaded = Topology::load(&file).expect("rewritten topology is valid");
+    assert_eq!(reloaded.qos.window, Duration::from_secs(10));
+    assert_eq!(reloaded.state.dir, state);
+
+    let events = dataset(11, 30_000);
+    let expected = expected(&events);
+    let feeder = Feeder::new(&brokers, &input);
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_marquee"))
+            .args(["run", file.to_str().unwrap(), "--brokers", &brokers, "--registry", &registry().url()])
+            .args(["--http", &format!("127.0.0.1:{}", free_port())])
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("marquee binary starts")
+    };
+    let chunks: Vec<_> = events.chunks(events.len() / 3).collect();
+    let mut offset = 0;
+    let mut send = |chunk: &[(i32, PlaybackEvent)]| {
+        for (p, e) in chunk {
+            feeder.event(*p, e, offset);
+            offset += 1;
+        }
+        feeder.flush();
+    };
+    send(chunks[0]);
+    for chunk in &chunks[1..] {
+        let mut child = spawn();
+        // Let it get into the middle of its work, then kill it without warning.
+        wait_for("the first results", Duration::from_secs(60), || {
+            let seen = read_topic(&brokers, &topology.sink.topic, 1, Duration::ZERO, Duration::from_millis(500));
+            (!seen.is_empty()).then_some(())
+        });
+        send(chunk);
+        std::thread::sleep(Duration::from_millis(300));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    for chunk in &chunks[3..] {
+        send(chunk);
+    }
+    let mut child = spawn();
+    let results = read_topic(&brokers, &topology.sink.topic, expected.results.len(), Duration::from_secs(6), Duration::from_secs(180));
+    let late = read_topic(&brokers, &topology.sink.late_topic, expected.late.len(), Duration::from_secs(1), Duration::from_secs(30));
+    // SIGTERM: a clean stop.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "marquee exits cleanly on SIGTERM: {status}");
+
+    assert_results_equal(&results_by_key(&results), &expected.results);
+    assert_eq!(late_event_ids(&late), expected.late, "late records, duplicates allowed");
+}

@@ -1,0 +1,93 @@
+//! Every shipped topology loads and validates; bad topologies fail with messages that name
+//! the file, the key and what was expected; `marquee validate` says the same.
+
+use std::path::Path;
+use std::process::Command;
+
+use marquee::config::Topology;
+
+#[test]
+fn every_shipped_topology_is_valid() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir("topologies").unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            Topology::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "qos.toml and demo.toml at least");
+}
+
+fn error_of(text: &str) -> String {
+    Topology::parse(text, Path::new("topologies/broken.toml"))
+        .expect_err("the topology is invalid")
+        .to_string()
+}
+
+const MINIMAL: &str = "name = \"t\"\n[source]\n[qos]\n[state]\ndir = \"x\"\n";
+
+#[test]
+fn a_minimal_topology_takes_the_documented_defaults() {
+    let t = Topology::parse(MINIMAL, Path::new("t.toml")).unwrap();
+    assert_eq!(t.source.topic, "playback-events");
+    assert_eq!(t.group_id(), "marquee-t");
+    assert_eq!(t.qos.window.as_secs(), 60);
+    assert_eq!(t.qos.grace.as_secs(), 30);
+    assert_eq!(t.sink.topic, "qos-windows");
+    assert_eq!(t.sink.late_topic, "qos-late");
+    assert_eq!(t.sink.dead_letter_topic, "qos-dead-letter");
+}
+
+#[test]
+fn unknown_keys_are_named() {
+    let e = error_of(&MINIMAL.replace("[qos]\n", "[qos]\nwindow_size = \"1m\"\n"));
+    assert!(e.contains("topologies/broken.toml") && e.contains("window_size"), "{e}");
+}
+
+#[test]
+fn bad_durations_say_what_was_expected() {
+    let e = error_of(&MINIMAL.replace("[qos]\n", "[qos]\ngrace = \"thirty seconds\"\n"));
+    assert!(e.contains("thirty seconds") && e.contains("such as 500ms, 30s, 5m"), "{e}");
+    assert!(e.contains("grace"), "names the key: {e}");
+}
+
+#[test]
+fn missing_fields_are_named() {
+    let e = error_of("name = \"t\"\n[source]\n[qos]\n[state]\n");
+    assert!(e.contains("dir"), "{e}");
+}
+
+#[test]
+fn every_semantic_problem_is_reported_at_once() {
+    let text = MINIMAL.replace(
+        "[qos]\n",
+        "[qos]\nwindow = \"7s\"\ngauge_dimensions = [\"title_id\"]\ndimensions = [\"cdn\", \"title_id\"]\n",
+    ) + "[sink]\ntopic = \"playback-events\"\n";
+    let e = error_of(&text);
+    assert!(e.contains("3 problem(s)"), "{e}");
+    assert!(e.contains("`qos.window` is 7000ms"), "{e}");
+    assert!(e.contains("`title_id`"), "{e}");
+    assert!(e.contains("`sink.topic` is `playback-events`, the input topic"), "{e}");
+}
+
+#[test]
+fn validate_command_checks_without_running() {
+    let ok = Command::new(env!("CARGO_BIN_EXE_marquee"))
+        .args(["validate", "topologies/qos.toml"])
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("topologies/qos.toml: ok"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, MINIMAL.replace("[qos]\n", "[qos]\nwindow = \"0s\"\n")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_marquee"))
+        .args(["validate", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bad.toml") && stderr.contains("qos.window"), "{stderr}");
+}
