@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use apache_avro::schema_compatibility::SchemaCompatibility;
-use apache_avro::{GenericDatumReader, Schema};
+use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::Schema;
 
 use crate::error::{DecodeError, RegistryError};
 use crate::record::PlaybackEvent;
@@ -99,7 +100,7 @@ impl Decoder {
             Plan::Direct(reader) => reader.read_deser::<PlaybackEvent>(&mut payload).map_err(bad),
             Plan::Resolve(reader) => reader
                 .read_value(&mut payload)
-                .and_then(apache_avro::from_value::<PlaybackEvent>)
+                .and_then(|v| apache_avro::from_value::<PlaybackEvent>(&v))
                 .map_err(bad),
         };
         Ok(match event {

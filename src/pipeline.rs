@@ -132,11 +132,10 @@ impl Pipeline {
         let mut since_tick = 0u32;
         let mut last_tick = Instant::now();
         let mut last_checkpoint = Instant::now();
-        self.health.set_ready(true);
         while !shutdown.is_cancelled() {
             let polled = self.source.poll(Duration::from_millis(50));
             for change in self.source.take_assignments() {
-                self.reassign(change)?;
+                reassign(&self.source, &mut self.core, &self.health, change)?;
             }
             match polled {
                 Some(Ok(message)) => {
@@ -152,12 +151,12 @@ impl Pipeline {
                 last_tick = Instant::now();
             }
             if last_checkpoint.elapsed() >= self.checkpoint_interval {
-                self.checkpoint()?;
+                checkpoint(&self.source, &mut self.core)?;
                 last_checkpoint = Instant::now();
             }
         }
         self.tick()?;
-        self.checkpoint()?;
+        checkpoint(&self.source, &mut self.core)?;
         tracing::info!("pipeline stopped cleanly: outputs flushed, state and offsets checkpointed");
         Ok(())
     }
@@ -191,31 +190,35 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Flushes outputs, writes state with offsets, then commits offsets to Kafka.
-    fn checkpoint(&mut self) -> Result<(), PipelineError> {
-        let offsets = self.core.checkpoint()?;
-        self.source.commit(offsets);
-        Ok(())
-    }
+}
 
-    fn reassign(&mut self, change: Assignment) -> Result<(), PipelineError> {
-        match change {
-            Assignment::Assigned(partitions) => {
-                for p in partitions {
-                    self.core.assign(p)?;
-                }
+/// Flushes outputs, writes state with offsets, then commits offsets to Kafka.
+fn checkpoint(source: &Source, core: &mut Core) -> Result<(), PipelineError> {
+    let offsets = core.checkpoint()?;
+    source.commit(offsets);
+    Ok(())
+}
+
+/// Restores newly assigned partitions; checkpoints, then drops, revoked ones.
+fn reassign(source: &Source, core: &mut Core, health: &Health, change: Assignment) -> Result<(), PipelineError> {
+    match change {
+        Assignment::Assigned(partitions) => {
+            for p in partitions {
+                core.assign(p)?;
             }
-            Assignment::Revoked(partitions) => {
-                self.checkpoint()?;
-                for p in partitions {
-                    self.core.parts.remove(&p);
-                    self.core.marks.revoke(p);
-                }
-                tracing::info!(owned = ?self.core.parts.keys().collect::<Vec<_>>(), "partitions revoked");
-            }
+            // Ready once the assigned partitions' state is restored.
+            health.set_ready(true);
         }
-        Ok(())
+        Assignment::Revoked(partitions) => {
+            checkpoint(source, core)?;
+            for p in partitions {
+                core.parts.remove(&p);
+                core.marks.revoke(p);
+            }
+            tracing::info!(owned = ?core.parts.keys().collect::<Vec<_>>(), "partitions revoked");
+        }
     }
+    Ok(())
 }
 
 impl Core {

@@ -78,14 +78,7 @@ impl SchemaRegistry for HttpRegistry {
     }
 
     fn register(&self, subject: &str, schema: &str) -> Result<u32, RegistryError> {
-        let supplied = SuppliedSchema {
-            name: None,
-            schema_type: SchemaType::Avro,
-            schema: schema.to_string(),
-            references: vec![],
-            properties: None,
-            tags: None,
-        };
+        let supplied = SuppliedSchema::new(None, SchemaType::Avro, schema.to_string());
         self.runtime
             .block_on(post_schema(&self.settings, subject.to_string(), supplied))
             .map(|registered| registered.id)

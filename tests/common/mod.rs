@@ -204,7 +204,8 @@ pub fn read_topic(brokers: &str, topic: &str, expected: usize, quiet: Duration, 
 pub fn decode_qos(value: &[u8]) -> marquee::record::QosWindow {
     let (_, mut payload) = marquee::decode::split_frame(value).expect("framed result");
     let schema = apache_avro::Schema::parse_str(marquee::sink::QOS_WINDOW_SCHEMA).unwrap();
-    let v = apache_avro::from_avro_datum(&schema, &mut payload, None).expect("QosWindow Avro");
+    let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema).build().unwrap();
+    let v = reader.read_value(&mut payload).expect("QosWindow Avro");
     apache_avro::from_value(&v).expect("QosWindow fields")
 }
 
