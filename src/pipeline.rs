@@ -169,6 +169,7 @@ impl Pipeline {
         let Some(watermark) = core.marks.operator(core.now) else {
             return Ok(());
         };
+        tracing::trace!(watermark, closed_through = core.closed_through, "tick");
         core.close_windows(watermark)?;
         let now_ms = wall_clock_ms();
         for (&p, part) in core.parts.iter_mut() {
@@ -206,6 +207,20 @@ fn reassign(source: &Source, core: &mut Core, health: &Health, change: Assignmen
             for p in partitions {
                 core.assign(p)?;
             }
+            // Partitions owned by no one here still hold windows open (see `watermark`).
+            let total = source.partition_count()?;
+            for p in 0..total {
+                let max = core.store.partition_meta(p)?.and_then(|m| m.max_event_time);
+                core.marks.track(p, max, core.now);
+            }
+            if (core.parts.len() as i32) < total {
+                tracing::warn!(
+                    owned = core.parts.len(),
+                    total,
+                    "this instance owns only some input partitions: windows close once it owns all \
+                     (or the rebalance settles); one instance per topology until the two-phase merge exists"
+                );
+            }
             // Ready once the assigned partitions' state is restored.
             health.set_ready(true);
         }
@@ -213,7 +228,7 @@ fn reassign(source: &Source, core: &mut Core, health: &Health, change: Assignmen
             checkpoint(source, core)?;
             for p in partitions {
                 core.parts.remove(&p);
-                core.marks.revoke(p);
+                core.marks.disown(p);
             }
             tracing::info!(owned = ?core.parts.keys().collect::<Vec<_>>(), "partitions revoked");
         }

@@ -105,6 +105,15 @@ impl Source {
         &self.topic
     }
 
+    /// Number of partitions of the input topic, from the cluster's metadata.
+    pub fn partition_count(&self) -> Result<i32, PipelineError> {
+        let metadata = self
+            .consumer
+            .fetch_metadata(Some(&self.topic), Duration::from_secs(10))
+            .map_err(PipelineError::kafka(format!("reading metadata of {}", self.topic)))?;
+        Ok(metadata.topics().first().map_or(0, |t| t.partitions().len() as i32))
+    }
+
     /// The next record, or `None` after `timeout` without one.
     pub fn poll(&self, timeout: Duration) -> Option<KafkaResult<BorrowedMessage<'_>>> {
         self.consumer.poll(timeout)

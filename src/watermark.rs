@@ -2,8 +2,11 @@
 //!
 //! A partition's watermark is the largest event time it has delivered minus the allowed
 //! out-of-orderness: records with event times below it are no longer expected. The operator
-//! watermark is the minimum over owned partitions that are neither idle nor empty-and-new; it
-//! never depends on how fast partitions are read, only on what each has delivered.
+//! watermark is the minimum over every partition of the input topic except owned partitions
+//! that have gone idle. A partition this instance does not own (yet, or any more: during a
+//! rebalance, or after a restart before the group has settled) is never idle, since nothing
+//! here can tell whether it is quiet; it holds windows open at its last checkpointed
+//! watermark, so no window closes without all of its partitions' records.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -17,6 +20,8 @@ struct PartitionClock {
     last_activity: Instant,
     /// Paused by watermark alignment: never idle, since it is quiet on purpose.
     paused: bool,
+    /// Owned by this instance; only owned partitions can be seen to be idle.
+    owned: bool,
 }
 
 /// Watermarks of the partitions this instance owns.
@@ -37,7 +42,17 @@ impl Watermarks {
         }
     }
 
-    /// Starts tracking `partition`, restoring the largest event time from its checkpoint.
+    /// Tracks `partition` of the input topic, owned or not, at its checkpointed event time.
+    pub fn track(&mut self, partition: i32, max_event_time: Option<i64>, now: Instant) {
+        self.partitions.entry(partition).or_insert(PartitionClock {
+            max_event_time,
+            last_activity: now,
+            paused: false,
+            owned: false,
+        });
+    }
+
+    /// This instance now owns `partition`, restored to its checkpointed event time.
     pub fn assign(&mut self, partition: i32, max_event_time: Option<i64>, now: Instant) {
         self.partitions.insert(
             partition,
@@ -45,18 +60,17 @@ impl Watermarks {
                 max_event_time,
                 last_activity: now,
                 paused: false,
+                owned: true,
             },
         );
     }
 
-    /// Stops tracking `partition`.
-    pub fn revoke(&mut self, partition: i32) {
-        self.partitions.remove(&partition);
-    }
-
-    /// The partitions being tracked.
-    pub fn partitions(&self) -> impl Iterator<Item = i32> + '_ {
-        self.partitions.keys().copied()
+    /// This instance no longer owns `partition`: it holds windows open at its last watermark.
+    pub fn disown(&mut self, partition: i32) {
+        if let Some(clock) = self.partitions.get_mut(&partition) {
+            clock.owned = false;
+            clock.paused = false;
+        }
     }
 
     /// A record arrived on `partition` (decodable or not): it is not idle.
@@ -92,16 +106,17 @@ impl Watermarks {
             .map_or(i64::MIN, |m| m.saturating_sub(self.out_of_orderness))
     }
 
-    /// Whether `partition` has been quiet for the idle timeout (paused partitions never are).
+    /// Whether `partition` is owned and has been quiet for the idle timeout (paused partitions
+    /// never are).
     pub fn is_idle(&self, partition: i32, now: Instant) -> bool {
         self.partitions.get(&partition).is_some_and(|c| {
-            !c.paused && now.saturating_duration_since(c.last_activity) >= self.idle_timeout
+            c.owned && !c.paused && now.saturating_duration_since(c.last_activity) >= self.idle_timeout
         })
     }
 
-    /// The operator watermark: the minimum over active partitions. When every partition is idle
-    /// the stream is quiet, and the largest watermark is used so the last windows still close.
-    /// `None` while no partition is owned.
+    /// The operator watermark: the minimum over partitions that are not idle. When every
+    /// partition is idle the stream is quiet, and the largest watermark is used so the last
+    /// windows still close. `None` while no partition is tracked.
     pub fn operator(&self, now: Instant) -> Option<i64> {
         let active = self
             .partitions
@@ -119,6 +134,22 @@ mod tests {
 
     fn marks() -> Watermarks {
         Watermarks::new(Duration::from_millis(100), Duration::from_secs(10))
+    }
+
+    #[test]
+    fn a_partition_not_owned_holds_windows_open_and_is_never_idle() {
+        let now = Instant::now();
+        let mut w = marks();
+        w.track(0, Some(2_000), now);
+        w.track(1, None, now);
+        w.assign(1, Some(9_000), now);
+        let later = now + Duration::from_secs(60);
+        assert!(!w.is_idle(0, later));
+        w.touch(1, later);
+        assert_eq!(w.operator(later), Some(1_900), "partition 0 is someone else's: its watermark counts");
+        w.disown(1);
+        assert_eq!(w.operator(later + Duration::from_secs(60)), Some(1_900));
+        assert_eq!(w.partition(1), 8_900, "a disowned partition keeps its watermark");
     }
 
     #[test]
