@@ -16,15 +16,24 @@ const N: usize = 10_000;
 const DIMS: [Dimension; 3] = [Dimension::Cdn, Dimension::Country, Dimension::DeviceType];
 
 fn events() -> Vec<PlaybackEvent> {
-    Generator::new(GenOptions::default()).take(N).map(|a| a.event).collect()
+    Generator::new(GenOptions::default())
+        .take(N)
+        .map(|a| a.event)
+        .collect()
 }
 
 fn decode(c: &mut Criterion) {
     let registry = Arc::new(MemoryRegistry::default());
-    let encoder = AvroEncoder::register(registry.as_ref(), "events-value", PLAYBACK_EVENT_SCHEMA).unwrap();
+    let encoder =
+        AvroEncoder::register(registry.as_ref(), "events-value", PLAYBACK_EVENT_SCHEMA).unwrap();
     let values: Vec<(Vec<u8>, Vec<u8>)> = events()
         .iter()
-        .map(|e| (e.session_id.clone().into_bytes(), encoder.encode(e).unwrap()))
+        .map(|e| {
+            (
+                e.session_id.clone().into_bytes(),
+                encoder.encode(e).unwrap(),
+            )
+        })
         .collect();
     let mut decoder = Decoder::new(registry);
     let mut group = c.benchmark_group("decode");
@@ -42,7 +51,10 @@ fn decode(c: &mut Criterion) {
 
 fn window_update(c: &mut Criterion) {
     let events = events();
-    let spec = WindowSpec { size: 60_000, grace: 30_000 };
+    let spec = WindowSpec {
+        size: 60_000,
+        grace: 30_000,
+    };
     let mut group = c.benchmark_group("window");
     group.throughput(Throughput::Elements(N as u64));
     group.bench_function("add_4_groups", |b| {
@@ -62,7 +74,10 @@ fn window_update(c: &mut Criterion) {
 
 fn flush(c: &mut Criterion) {
     let events = events();
-    let spec = WindowSpec { size: 60_000, grace: 30_000 };
+    let spec = WindowSpec {
+        size: 60_000,
+        grace: 30_000,
+    };
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), 64, 64).unwrap();
     let mut group = c.benchmark_group("state");

@@ -59,7 +59,10 @@ fn run_pipeline(
 ) -> Result<(), PipelineError> {
     let registry: Arc<dyn SchemaRegistry> = Arc::new(HttpRegistry::new(&endpoints.registry)?);
     std::fs::create_dir_all(&topology.state.dir).map_err(|e| {
-        PipelineError::Other(format!("cannot create state directory {}: {e}", topology.state.dir.display()))
+        PipelineError::Other(format!(
+            "cannot create state directory {}: {e}",
+            topology.state.dir.display()
+        ))
     })?;
     let store = Arc::new(Store::open(
         &topology.state.dir,
@@ -72,9 +75,17 @@ fn run_pipeline(
         late: topology.sink.late_topic.clone(),
         dead_letter: topology.sink.dead_letter_topic.clone(),
     };
-    ensure_topics(&producer, &[&topics.results, &topics.late, &topics.dead_letter], 1);
+    ensure_topics(
+        &producer,
+        &[&topics.results, &topics.late, &topics.dead_letter],
+        1,
+    );
     let sink = Sink::new(&producer, topics, &topology.source.topic, registry.as_ref())?;
-    let consumer = consumer_config(&endpoints.brokers, &topology.group_id(), &topology.source.kafka);
+    let consumer = consumer_config(
+        &endpoints.brokers,
+        &topology.group_id(),
+        &topology.source.kafka,
+    );
     let source = Source::subscribe(&consumer, &topology.source.topic)?;
     tracing::info!(
         topology = %topology.name,
@@ -83,7 +94,14 @@ fn run_pipeline(
         state = %topology.state.dir.display(),
         "pipeline starting"
     );
-    let mut pipeline = Pipeline::new(topology, source, Decoder::new(registry), sink, store, Arc::clone(health))?;
+    let mut pipeline = Pipeline::new(
+        topology,
+        source,
+        Decoder::new(registry),
+        sink,
+        store,
+        Arc::clone(health),
+    )?;
     if let Some(hook) = on_result {
         pipeline = pipeline.on_result(hook);
     }

@@ -32,9 +32,21 @@ impl std::fmt::Display for BenchReport {
         writeln!(f, "events                    {}", self.events)?;
         writeln!(f, "preload                   {:.1}s", self.preload_secs)?;
         writeln!(f, "pipeline wall time        {:.2}s", self.wall_secs)?;
-        writeln!(f, "throughput                {:.0} events/s", self.events as f64 / self.wall_secs)?;
-        writeln!(f, "CPU per million events    {:.2}s", self.cpu_secs * 1e6 / self.events as f64)?;
-        writeln!(f, "events per CPU-second     {:.0}", self.events as f64 / self.cpu_secs)?;
+        writeln!(
+            f,
+            "throughput                {:.0} events/s",
+            self.events as f64 / self.wall_secs
+        )?;
+        writeln!(
+            f,
+            "CPU per million events    {:.2}s",
+            self.cpu_secs * 1e6 / self.events as f64
+        )?;
+        writeln!(
+            f,
+            "events per CPU-second     {:.0}",
+            self.events as f64 / self.cpu_secs
+        )?;
         write!(f, "peak RSS (pipeline phase) {:.0} MiB", self.peak_rss_mib)
     }
 }
@@ -42,10 +54,18 @@ impl std::fmt::Display for BenchReport {
 /// Preloads `events` generated events into a fresh `partitions`-partition topic on `brokers`,
 /// then measures the pipeline consuming them.
 pub fn run(brokers: &str, events: u64, partitions: i32) -> Result<BenchReport, PipelineError> {
-    let registry = EmbeddedRegistry::start().map_err(|e| PipelineError::Other(format!("embedded registry: {e}")))?;
-    let topic = format!("bench-events-{}-{}", std::process::id(), crate::pipeline::wall_clock_ms());
+    let registry = EmbeddedRegistry::start()
+        .map_err(|e| PipelineError::Other(format!("embedded registry: {e}")))?;
+    let topic = format!(
+        "bench-events-{}-{}",
+        std::process::id(),
+        crate::pipeline::wall_clock_ms()
+    );
     let state = tempdir_path("marquee-bench");
-    let mut topology = Topology::parse(include_str!("../topologies/qos.toml"), Path::new("topologies/qos.toml"))?;
+    let mut topology = Topology::parse(
+        include_str!("../topologies/qos.toml"),
+        Path::new("topologies/qos.toml"),
+    )?;
     topology.source.topic = topic.clone();
     topology.source.group_id = Some(format!("{topic}-group"));
     topology.sink.topic = format!("{topic}-qos");
@@ -54,7 +74,11 @@ pub fn run(brokers: &str, events: u64, partitions: i32) -> Result<BenchReport, P
     topology.state.dir = state.clone();
     topology.time.idle_timeout = Duration::from_secs(2);
 
-    ensure_topics(&producer_config(brokers, &Default::default()), &[&topic], partitions);
+    ensure_topics(
+        &producer_config(brokers, &Default::default()),
+        &[&topic],
+        partitions,
+    );
     let started = Instant::now();
     {
         let http_registry = HttpRegistry::new(&registry.url())?;
@@ -96,7 +120,9 @@ pub fn run(brokers: &str, events: u64, partitions: i32) -> Result<BenchReport, P
     let cpu_secs = cpu_seconds() - cpu_before;
     let peak_rss_mib = peak_rss_kib() as f64 / 1024.0;
     shutdown.cancel();
-    let outcome = pipeline.join().unwrap_or_else(|_| Err(PipelineError::Other("pipeline panicked".into())));
+    let outcome = pipeline
+        .join()
+        .unwrap_or_else(|_| Err(PipelineError::Other("pipeline panicked".into())));
     let _ = std::fs::remove_dir_all(&state);
     outcome?;
     Ok(BenchReport {
@@ -109,7 +135,11 @@ pub fn run(brokers: &str, events: u64, partitions: i32) -> Result<BenchReport, P
 }
 
 fn tempdir_path(prefix: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("{prefix}-{}-{}", std::process::id(), crate::pipeline::wall_clock_ms()))
+    std::env::temp_dir().join(format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        crate::pipeline::wall_clock_ms()
+    ))
 }
 
 /// User plus system CPU time of this process.

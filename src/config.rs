@@ -196,8 +196,14 @@ impl Topology {
                 problems.push(msg)
             }
         };
-        check(!self.name.trim().is_empty(), "`name` must not be empty".into());
-        check(!self.source.topic.is_empty(), "`source.topic` must not be empty".into());
+        check(
+            !self.name.trim().is_empty(),
+            "`name` must not be empty".into(),
+        );
+        check(
+            !self.source.topic.is_empty(),
+            "`source.topic` must not be empty".into(),
+        );
         let window = self.qos.window.as_millis();
         check(
             window >= 1,
@@ -226,7 +232,10 @@ impl Topology {
             );
             check(
                 self.qos.dimensions.contains(dim),
-                format!("`qos.gauge_dimensions` contains `{}`, which is not in `qos.dimensions`", dim.name()),
+                format!(
+                    "`qos.gauge_dimensions` contains `{}`, which is not in `qos.dimensions`",
+                    dim.name()
+                ),
             );
         }
         let mut seen = self.qos.dimensions.clone();
@@ -267,7 +276,9 @@ impl Topology {
 /// Parses `500ms`, `30s`, `5m`, `1h 30m` into a `Duration`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| {
-        format!("invalid duration {text:?} ({e}): expected a number and unit such as 500ms, 30s, 5m")
+        format!(
+            "invalid duration {text:?} ({e}): expected a number and unit such as 500ms, 30s, 5m"
+        )
     })
 }
 

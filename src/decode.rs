@@ -9,8 +9,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use apache_avro::schema_compatibility::SchemaCompatibility;
 use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::schema_compatibility::SchemaCompatibility;
 use apache_avro::Schema;
 
 use crate::error::{DecodeError, RegistryError};
@@ -58,7 +58,9 @@ pub struct Decoder {
 impl Decoder {
     /// A decoder that looks writer schemas up in `registry`.
     pub fn new(registry: Arc<dyn SchemaRegistry>) -> Self {
-        let reader = leak(Schema::parse_str(PLAYBACK_EVENT_SCHEMA).expect("avro/playback_event.avsc is valid"));
+        let reader = leak(
+            Schema::parse_str(PLAYBACK_EVENT_SCHEMA).expect("avro/playback_event.avsc is valid"),
+        );
         Self {
             registry,
             reader_form: reader.canonical_form(),
@@ -97,7 +99,9 @@ impl Decoder {
             message: e.to_string(),
         };
         let event = match plan {
-            Plan::Direct(reader) => reader.read_deser::<PlaybackEvent>(&mut payload).map_err(bad),
+            Plan::Direct(reader) => reader
+                .read_deser::<PlaybackEvent>(&mut payload)
+                .map_err(bad),
             Plan::Resolve(reader) => reader
                 .read_value(&mut payload)
                 .and_then(|v| apache_avro::from_value::<PlaybackEvent>(&v))
@@ -131,7 +135,9 @@ impl Decoder {
         // Bounded by the number of schemas ever registered for the topic.
         let writer = leak(writer);
         let plan = if writer.canonical_form() == self.reader_form {
-            GenericDatumReader::builder(writer).build().map(Plan::Direct)
+            GenericDatumReader::builder(writer)
+                .build()
+                .map(Plan::Direct)
         } else {
             GenericDatumReader::builder(writer)
                 .reader_schema(self.reader)

@@ -22,11 +22,16 @@ use crate::registry::{EmbeddedRegistry, HttpRegistry};
 pub const DEMO_TOPOLOGY: &str = include_str!("../topologies/demo.toml");
 
 /// Runs the demo until `shutdown`, generating `rate` events per second.
-pub fn run(rate: u32, http: Option<SocketAddr>, shutdown: &CancellationToken) -> Result<(), PipelineError> {
+pub fn run(
+    rate: u32,
+    http: Option<SocketAddr>,
+    shutdown: &CancellationToken,
+) -> Result<(), PipelineError> {
     let state = std::env::temp_dir().join(format!("marquee-demo-{}", std::process::id()));
     let mut topology = Topology::parse(DEMO_TOPOLOGY, Path::new("topologies/demo.toml"))?;
     topology.state.dir = state.clone();
-    let kafka = MockCluster::new(1).map_err(PipelineError::kafka("starting the in-process Kafka"))?;
+    let kafka =
+        MockCluster::new(1).map_err(PipelineError::kafka("starting the in-process Kafka"))?;
     kafka
         .create_topic(&topology.source.topic, 4, 1)
         .map_err(PipelineError::kafka("creating the demo input topic"))?;
@@ -37,11 +42,18 @@ pub fn run(rate: u32, http: Option<SocketAddr>, shutdown: &CancellationToken) ->
         registry: registry.url(),
         http,
     };
-    println!("marquee demo: in-process Kafka at {}, registry at {}", endpoints.brokers, endpoints.registry);
+    println!(
+        "marquee demo: in-process Kafka at {}, registry at {}",
+        endpoints.brokers, endpoints.registry
+    );
     if let Some(addr) = http {
         println!("metrics at http://{addr}/metrics");
     }
-    println!("windows of {:?} close {:?} after their end; Ctrl-C stops\n", topology.qos.window, topology.qos.grace + topology.time.out_of_orderness);
+    println!(
+        "windows of {:?} close {:?} after their end; Ctrl-C stops\n",
+        topology.qos.window,
+        topology.qos.grace + topology.time.out_of_orderness
+    );
 
     let generator = {
         let (brokers, registry, topic, stop) = (
@@ -72,15 +84,29 @@ pub fn run(rate: u32, http: Option<SocketAddr>, shutdown: &CancellationToken) ->
             );
         }
     });
-    let result = app::run(&topology, &endpoints, shutdown, Arc::new(Health::default()), Some(print));
+    let result = app::run(
+        &topology,
+        &endpoints,
+        shutdown,
+        Arc::new(Health::default()),
+        Some(print),
+    );
     shutdown.cancel();
-    let generated = generator.join().unwrap_or_else(|_| Err(PipelineError::Other("generator panicked".into())));
+    let generated = generator
+        .join()
+        .unwrap_or_else(|_| Err(PipelineError::Other("generator panicked".into())));
     let _ = std::fs::remove_dir_all(&state);
     result.and(generated)
 }
 
 /// Sends events at `rate` per second with event times following the wall clock.
-fn generate_live(brokers: &str, registry: &str, topic: &str, rate: u32, stop: &CancellationToken) -> Result<(), PipelineError> {
+fn generate_live(
+    brokers: &str,
+    registry: &str,
+    topic: &str,
+    rate: u32,
+    stop: &CancellationToken,
+) -> Result<(), PipelineError> {
     let registry = HttpRegistry::new(registry)?;
     let publisher = Publisher::new(brokers, &registry, topic, None)?;
     let options = GenOptions {

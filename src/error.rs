@@ -18,7 +18,10 @@ pub enum ConfigError {
     #[error("topology {file} is not valid TOML for a Marquee topology: {message}")]
     Parse { file: PathBuf, message: String },
     #[error("topology {file} has {} problem(s):\n  - {}", problems.len(), problems.join("\n  - "))]
-    Invalid { file: PathBuf, problems: Vec<String> },
+    Invalid {
+        file: PathBuf,
+        problems: Vec<String>,
+    },
 }
 
 /// Why one input record could not become an event.
@@ -66,7 +69,11 @@ impl DecodeError {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RegistryError {
     #[error("schema id {id} not found in the registry at {url}: {message}")]
-    NotFound { id: u32, url: String, message: String },
+    NotFound {
+        id: u32,
+        url: String,
+        message: String,
+    },
     #[error("schema registry at {url} failed ({message}); is it running and reachable?")]
     Unavailable { url: String, message: String },
     #[error("schema registry returned a schema that is not valid Avro: {0}")]

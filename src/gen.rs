@@ -14,10 +14,20 @@ use rand::{Rng, SeedableRng};
 
 use crate::record::{EventType, PlaybackEvent};
 
-const CDNS: [(&str, f64); 4] = [("akamai", 0.02), ("fastly", 0.03), ("cloudfront", 0.025), ("edgecast", 0.08)];
+const CDNS: [(&str, f64); 4] = [
+    ("akamai", 0.02),
+    ("fastly", 0.03),
+    ("cloudfront", 0.025),
+    ("edgecast", 0.08),
+];
 const COUNTRIES: [&str; 10] = ["US", "BR", "GB", "DE", "IN", "JP", "MX", "FR", "NL", "KR"];
 const DEVICES: [&str; 4] = ["tv", "mobile", "web", "console"];
-const ERRORS: [&str; 4] = ["DRM_LICENSE_FAILED", "MANIFEST_TIMEOUT", "NETWORK_ERROR", "DECODER_INIT"];
+const ERRORS: [&str; 4] = [
+    "DRM_LICENSE_FAILED",
+    "MANIFEST_TIMEOUT",
+    "NETWORK_ERROR",
+    "DECODER_INIT",
+];
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -70,7 +80,8 @@ impl GenOptions {
     /// These options as live traffic: event times from `now_ms` on, about `rate` events per second.
     pub fn paced(mut self, rate: u32, now_ms: i64) -> Self {
         self.start_ms = now_ms;
-        self.session_interval_ms = ((self.events_per_session() * 1000.0 / f64::from(rate.max(1))) as i64).max(1);
+        self.session_interval_ms =
+            ((self.events_per_session() * 1000.0 / f64::from(rate.max(1))) as i64).max(1);
         self
     }
 }
@@ -142,7 +153,11 @@ impl Generator {
                 cdn: cdn.into(),
                 event_type: EventType::Start,
                 event_time: start,
-                position_ms: if rng.random_bool(0.3) { rng.random_range(0..duration / 2) } else { 0 },
+                position_ms: if rng.random_bool(0.3) {
+                    rng.random_range(0..duration / 2)
+                } else {
+                    0
+                },
                 duration_ms: Some(duration),
                 play_ms: 0,
                 rebuffer_ms: 0,
@@ -157,11 +172,21 @@ impl Generator {
         let roll: f64 = rng.random();
         if roll < 0.04 {
             let code = ERRORS[rng.random_range(0..ERRORS.len())];
-            s.emit(EventType::Error, start + rng.random_range(500..6_000), 0, 0, |e| {
-                e.error_code = Some(code.into())
-            });
+            s.emit(
+                EventType::Error,
+                start + rng.random_range(500..6_000),
+                0,
+                0,
+                |e| e.error_code = Some(code.into()),
+            );
         } else if roll < 0.07 {
-            s.emit(EventType::End, start + rng.random_range(1_000..10_000), 0, 0, |_| {});
+            s.emit(
+                EventType::End,
+                start + rng.random_range(1_000..10_000),
+                0,
+                0,
+                |_| {},
+            );
         } else {
             let startup = 300 + (-(1.0 - rng.random::<f64>()).ln() * 1_200.0) as i64;
             let startup = startup.min(20_000);
@@ -195,7 +220,9 @@ impl Generator {
                     t += step;
                 } else if r < stall_p + 0.08 {
                     bitrate = [1_500, 3_000, 6_000, 12_000][rng.random_range(0..4)];
-                    s.emit(EventType::BitrateChange, t + step, step, 0, |e| e.bitrate_kbps = Some(bitrate));
+                    s.emit(EventType::BitrateChange, t + step, step, 0, |e| {
+                        e.bitrate_kbps = Some(bitrate)
+                    });
                     t += step;
                 } else {
                     s.emit(EventType::Heartbeat, t + step, step, 0, |_| {});
@@ -224,7 +251,11 @@ impl Iterator for Generator {
     fn next(&mut self) -> Option<Arrival> {
         // A session's events arrive no earlier than it starts, so once the next start is past
         // the earliest pending arrival, that arrival is the next one overall.
-        while self.pending.peek().is_none_or(|Reverse(a)| a.arrival_ms >= self.next_start) {
+        while self
+            .pending
+            .peek()
+            .is_none_or(|Reverse(a)| a.arrival_ms >= self.next_start)
+        {
             self.spawn_session();
         }
         self.pending.pop().map(|Reverse(a)| a)
@@ -239,7 +270,14 @@ struct Session {
 }
 
 impl Session {
-    fn emit(&mut self, kind: EventType, t: i64, play_ms: i64, rebuffer_ms: i64, edit: impl FnOnce(&mut PlaybackEvent)) {
+    fn emit(
+        &mut self,
+        kind: EventType,
+        t: i64,
+        play_ms: i64,
+        rebuffer_ms: i64,
+        edit: impl FnOnce(&mut PlaybackEvent),
+    ) {
         let mut e = self.base.clone();
         e.event_id = format!("{}-{}", e.session_id, self.seq);
         e.event_type = kind;
@@ -260,25 +298,6 @@ impl Session {
 /// session's events land.
 pub fn partition_for(key: &str, partitions: i32) -> i32 {
     (crate::window::session_hash(key) % partitions as u64) as i32
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn same_seed_same_events_in_arrival_order() {
-        let opts = GenOptions { late_share: 0.05, late_delay_ms: 30_000, ..GenOptions::default() };
-        let a: Vec<_> = Generator::new(opts.clone()).take(2_000).collect();
-        let b: Vec<_> = Generator::new(opts).take(2_000).collect();
-        assert_eq!(a, b);
-        assert!(a.windows(2).all(|w| w[0].arrival_ms <= w[1].arrival_ms));
-        let kinds: std::collections::HashSet<_> = a.iter().map(|x| x.event.event_type).collect();
-        for k in [EventType::Start, EventType::Play, EventType::Heartbeat, EventType::End, EventType::RebufferStart] {
-            assert!(kinds.contains(&k), "{k:?} missing");
-        }
-        assert!(a.iter().any(|x| x.arrival_ms - x.event.event_time >= 30_000), "late events");
-    }
 }
 
 /// Publishes generated events to Kafka as Confluent-framed Avro, keyed by session.
@@ -305,7 +324,9 @@ impl Publisher {
         )?;
         let producer = crate::sink::producer_config(brokers, &Default::default())
             .create_with_context(crate::sink::DeliveryTracker::default())
-            .map_err(crate::error::PipelineError::kafka("creating the generator's producer"))?;
+            .map_err(crate::error::PipelineError::kafka(
+                "creating the generator's producer",
+            ))?;
         Ok(Self {
             producer,
             encoder,
@@ -359,4 +380,37 @@ pub fn publish(
     }
     publisher.flush()?;
     Ok(sent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_seed_same_events_in_arrival_order() {
+        let opts = GenOptions {
+            late_share: 0.05,
+            late_delay_ms: 30_000,
+            ..GenOptions::default()
+        };
+        let a: Vec<_> = Generator::new(opts.clone()).take(2_000).collect();
+        let b: Vec<_> = Generator::new(opts).take(2_000).collect();
+        assert_eq!(a, b);
+        assert!(a.windows(2).all(|w| w[0].arrival_ms <= w[1].arrival_ms));
+        let kinds: std::collections::HashSet<_> = a.iter().map(|x| x.event.event_type).collect();
+        for k in [
+            EventType::Start,
+            EventType::Play,
+            EventType::Heartbeat,
+            EventType::End,
+            EventType::RebufferStart,
+        ] {
+            assert!(kinds.contains(&k), "{k:?} missing");
+        }
+        assert!(
+            a.iter()
+                .any(|x| x.arrival_ms - x.event.event_time >= 30_000),
+            "late events"
+        );
+    }
 }

@@ -43,7 +43,10 @@ impl Health {
     }
 
     fn failure(&self) -> Option<String> {
-        self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -54,7 +57,11 @@ struct AppState {
 }
 
 /// Binds `addr` (port 0 picks a free port) and serves `/metrics`, `/healthz` and `/readyz`.
-pub fn start(addr: SocketAddr, prometheus: PrometheusHandle, health: Arc<Health>) -> std::io::Result<BackgroundServer> {
+pub fn start(
+    addr: SocketAddr,
+    prometheus: PrometheusHandle,
+    health: Arc<Health>,
+) -> std::io::Result<BackgroundServer> {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
@@ -78,22 +85,26 @@ impl BackgroundServer {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let thread = std::thread::Builder::new().name(format!("http-{addr}")).spawn(move || {
-            runtime.block_on(async move {
-                let serve = async {
-                    let listener = tokio::net::TcpListener::from_std(listener)?;
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(async {
-                            let _ = rx.await;
-                        })
-                        .await
-                };
-                if let Err(e) = serve.await {
-                    tracing::error!(%addr, error = %e, "HTTP server failed");
-                }
-            })
-        })?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let thread = std::thread::Builder::new()
+            .name(format!("http-{addr}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let serve = async {
+                        let listener = tokio::net::TcpListener::from_std(listener)?;
+                        axum::serve(listener, app)
+                            .with_graceful_shutdown(async {
+                                let _ = rx.await;
+                            })
+                            .await
+                    };
+                    if let Err(e) = serve.await {
+                        tracing::error!(%addr, error = %e, "HTTP server failed");
+                    }
+                })
+            })?;
         Ok(Self {
             addr,
             shutdown: Some(tx),
@@ -128,7 +139,10 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     match state.health.failure() {
         None => (StatusCode::OK, "ok\n".to_string()),
-        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("pipeline stopped: {reason}\n")),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("pipeline stopped: {reason}\n"),
+        ),
     }
 }
 
@@ -136,6 +150,9 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     if state.health.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: restoring state or not consuming\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: restoring state or not consuming\n",
+        )
     }
 }

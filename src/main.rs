@@ -33,7 +33,11 @@ enum Command {
         #[arg(long, env = "MARQUEE_BROKERS", default_value = "localhost:9092")]
         brokers: String,
         /// Schema registry URL.
-        #[arg(long, env = "MARQUEE_REGISTRY", default_value = "http://localhost:8081")]
+        #[arg(
+            long,
+            env = "MARQUEE_REGISTRY",
+            default_value = "http://localhost:8081"
+        )]
         registry: String,
         /// Address serving /metrics, /healthz and /readyz.
         #[arg(long, env = "MARQUEE_HTTP", default_value = "0.0.0.0:9464")]
@@ -53,7 +57,11 @@ enum Command {
         #[arg(long, env = "MARQUEE_BROKERS", default_value = "localhost:9092")]
         brokers: String,
         /// Schema registry URL.
-        #[arg(long, env = "MARQUEE_REGISTRY", default_value = "http://localhost:8081")]
+        #[arg(
+            long,
+            env = "MARQUEE_REGISTRY",
+            default_value = "http://localhost:8081"
+        )]
         registry: String,
         /// Topic to write.
         #[arg(long, default_value = "playback-events")]
@@ -104,21 +112,38 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,librdkafka=warn,rdkafka=warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,librdkafka=warn,rdkafka=warn")
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { topology, brokers, registry, http, state_dir } => {
+        Command::Run {
+            topology,
+            brokers,
+            registry,
+            http,
+            state_dir,
+        } => {
             let mut topology = Topology::load(&topology)?;
             if let Some(dir) = state_dir {
                 topology.state.dir = dir;
             }
             let shutdown = shutdown_on_signal()?;
-            let endpoints = Endpoints { brokers, registry, http: Some(http) };
-            app::run(&topology, &endpoints, &shutdown, Arc::new(Health::default()), None)?;
+            let endpoints = Endpoints {
+                brokers,
+                registry,
+                http: Some(http),
+            };
+            app::run(
+                &topology,
+                &endpoints,
+                &shutdown,
+                Arc::new(Health::default()),
+                None,
+            )?;
         }
         Command::Validate { topology: path } => {
             let topology = Topology::load(&path)?;
@@ -132,7 +157,17 @@ fn main() -> anyhow::Result<()> {
                 topology.state.dir.display()
             );
         }
-        Command::Gen { brokers, registry, topic, count, rate, seed, disorder, late_share, late_delay } => {
+        Command::Gen {
+            brokers,
+            registry,
+            topic,
+            count,
+            rate,
+            seed,
+            disorder,
+            late_share,
+            late_delay,
+        } => {
             if !(0.0..=1.0).contains(&late_share) {
                 bail!("--late-share is {late_share}: expected a share between 0 and 1");
             }
@@ -150,15 +185,29 @@ fn main() -> anyhow::Result<()> {
                 options = options.paced(rate, marquee::pipeline::wall_clock_ms());
             }
             let started = Instant::now();
-            let sent = publish(&publisher, Generator::new(options), count, rate.is_some(), &shutdown)?;
-            eprintln!("sent {sent} events to {topic} in {:.1}s", started.elapsed().as_secs_f64());
+            let sent = publish(
+                &publisher,
+                Generator::new(options),
+                count,
+                rate.is_some(),
+                &shutdown,
+            )?;
+            eprintln!(
+                "sent {sent} events to {topic} in {:.1}s",
+                started.elapsed().as_secs_f64()
+            );
         }
         Command::Demo { rate, http } => {
             let shutdown = shutdown_on_signal()?;
             marquee::demo::run(rate, Some(http), &shutdown)?;
         }
-        Command::Bench { brokers, events, partitions } => {
-            let report = marquee::bench::run(&brokers, events, partitions).context("benchmark failed")?;
+        Command::Bench {
+            brokers,
+            events,
+            partitions,
+        } => {
+            let report =
+                marquee::bench::run(&brokers, events, partitions).context("benchmark failed")?;
             println!("{report}");
         }
     }
@@ -169,7 +218,9 @@ fn main() -> anyhow::Result<()> {
 fn shutdown_on_signal() -> anyhow::Result<CancellationToken> {
     let token = CancellationToken::new();
     let cancel = token.clone();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     std::thread::Builder::new().name("signals".into()).spawn(move || {
         runtime.block_on(async move {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -15,7 +15,9 @@ pub fn install() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let seconds = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+            let seconds = [
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ];
             PrometheusBuilder::new()
                 .set_buckets(&seconds)
                 .expect("static buckets are valid")
@@ -51,7 +53,10 @@ struct PendingCounts {
 impl PartitionCounters {
     /// Registers the series of `topic`/`partition`.
     pub fn new(topic: &str, partition: i32) -> Self {
-        let labels = [("topic", topic.to_string()), ("partition", partition.to_string())];
+        let labels = [
+            ("topic", topic.to_string()),
+            ("partition", partition.to_string()),
+        ];
         Self {
             topic: topic.to_string(),
             partition: partition.to_string(),
@@ -99,7 +104,8 @@ impl PartitionCounters {
         }
         if watermark_ms != i64::MIN {
             self.watermark.set(watermark_ms as f64 / 1000.0);
-            self.watermark_lag.set((now_ms - watermark_ms) as f64 / 1000.0);
+            self.watermark_lag
+                .set((now_ms - watermark_ms) as f64 / 1000.0);
         }
         self.paused.set(f64::from(u8::from(paused)));
         self.idle.set(f64::from(u8::from(idle)));
@@ -134,7 +140,10 @@ pub fn checkpoint(flush: Duration, write: Duration) {
 
 /// Business gauges of the last closed window of one low-cardinality group.
 pub fn last_window(dimension: &str, value: &str, viewers: i64, rebuffer_ratio: Option<f64>) {
-    let labels = [("dimension", dimension.to_string()), ("value", value.to_string())];
+    let labels = [
+        ("dimension", dimension.to_string()),
+        ("value", value.to_string()),
+    ];
     gauge!("marquee_qos_concurrent_viewers", &labels).set(viewers as f64);
     gauge!("marquee_qos_rebuffer_ratio", &labels).set(rebuffer_ratio.unwrap_or(0.0));
 }

@@ -100,7 +100,12 @@ impl Pipeline {
             core: Core {
                 spec: WindowSpec::new(topology.qos.window, topology.qos.grace),
                 dimensions: topology.qos.dimensions.clone(),
-                gauge_slots: topology.qos.gauge_dimensions.iter().map(|d| slot(*d)).collect(),
+                gauge_slots: topology
+                    .qos
+                    .gauge_dimensions
+                    .iter()
+                    .map(|d| slot(*d))
+                    .collect(),
                 max_future_skew: time.max_future_skew.as_millis() as i64,
                 decoder,
                 sink,
@@ -165,7 +170,8 @@ impl Pipeline {
     fn tick(&mut self) -> Result<(), PipelineError> {
         let core = &mut self.core;
         core.now = Instant::now();
-        self.health.add_processed(std::mem::take(&mut core.processed));
+        self.health
+            .add_processed(std::mem::take(&mut core.processed));
         let Some(watermark) = core.marks.operator(core.now) else {
             return Ok(());
         };
@@ -176,7 +182,8 @@ impl Pipeline {
             let own = core.marks.partition(p);
             // A partition far ahead of the slowest one only grows open-window state: let the
             // others catch up first. Catching up never changes results, only memory.
-            let ahead = watermark != i64::MIN && own != i64::MIN && own - watermark > self.max_drift;
+            let ahead =
+                watermark != i64::MIN && own != i64::MIN && own - watermark > self.max_drift;
             if ahead != part.paused {
                 self.source.set_paused(p, ahead)?;
                 core.marks.set_paused(p, ahead, core.now);
@@ -190,7 +197,6 @@ impl Pipeline {
         metrics::windows_open(open);
         Ok(())
     }
-
 }
 
 /// Flushes outputs, writes state with offsets, then commits offsets to Kafka.
@@ -201,7 +207,12 @@ fn checkpoint(source: &Source, core: &mut Core) -> Result<(), PipelineError> {
 }
 
 /// Restores newly assigned partitions; checkpoints, then drops, revoked ones.
-fn reassign(source: &Source, core: &mut Core, health: &Health, change: Assignment) -> Result<(), PipelineError> {
+fn reassign(
+    source: &Source,
+    core: &mut Core,
+    health: &Health,
+    change: Assignment,
+) -> Result<(), PipelineError> {
     match change {
         Assignment::Assigned(partitions) => {
             for p in partitions {
@@ -249,7 +260,8 @@ impl Core {
             open_windows = windows.windows.len(),
             "partition assigned, state restored"
         );
-        self.marks.assign(p, meta.and_then(|m| m.max_event_time), self.now);
+        self.marks
+            .assign(p, meta.and_then(|m| m.max_event_time), self.now);
         self.parts.insert(
             p,
             PartitionState {
@@ -265,7 +277,10 @@ impl Core {
     fn handle(&mut self, message: &BorrowedMessage<'_>) -> Result<(), PipelineError> {
         let p = message.partition();
         let Some(part) = self.parts.get_mut(&p) else {
-            tracing::warn!(partition = p, "record from a partition this instance does not own");
+            tracing::warn!(
+                partition = p,
+                "record from a partition this instance does not own"
+            );
             return Ok(());
         };
         let offset = message.offset();
@@ -335,7 +350,12 @@ impl Core {
                 self.sink.send_result(&result)?;
                 emitted += 1;
                 if Some(*start) == last && self.gauge_slot(&result.dimension) {
-                    metrics::last_window(&result.dimension, &result.value, result.concurrent_viewers, result.rebuffer_ratio);
+                    metrics::last_window(
+                        &result.dimension,
+                        &result.value,
+                        result.concurrent_viewers,
+                        result.rebuffer_ratio,
+                    );
                 }
                 if let Some(hook) = self.on_result.as_mut() {
                     hook(&result);
@@ -348,7 +368,11 @@ impl Core {
     }
 
     fn gauge_slot(&self, dimension: &str) -> bool {
-        dimension == "all" || self.gauge_slots.iter().any(|&s| crate::window::slot_name(s) == dimension)
+        dimension == "all"
+            || self
+                .gauge_slots
+                .iter()
+                .any(|&s| crate::window::slot_name(s) == dimension)
     }
 
     /// Steps 1 and 2 of a checkpoint; returns the offsets to commit to Kafka.
@@ -373,7 +397,8 @@ impl Core {
             }
         }
         if self.closed_through != i64::MIN {
-            self.store.stage_closed_through(&mut batch, self.closed_through);
+            self.store
+                .stage_closed_through(&mut batch, self.closed_through);
         }
         self.store.commit(batch)?;
         metrics::checkpoint(flushed - started, flushed.elapsed());

@@ -36,8 +36,13 @@ pub struct AvroEncoder {
 
 impl AvroEncoder {
     /// Registers `schema` under `subject` and prepares a writer for it.
-    pub fn register(registry: &dyn SchemaRegistry, subject: &str, schema: &str) -> Result<Self, RegistryError> {
-        let parsed = Schema::parse_str(schema).map_err(|e| RegistryError::InvalidSchema(e.to_string()))?;
+    pub fn register(
+        registry: &dyn SchemaRegistry,
+        subject: &str,
+        schema: &str,
+    ) -> Result<Self, RegistryError> {
+        let parsed =
+            Schema::parse_str(schema).map_err(|e| RegistryError::InvalidSchema(e.to_string()))?;
         let id = registry.register(subject, schema)?;
         // One schema per output topic for the life of the process.
         let parsed: &'static Schema = Box::leak(Box::new(parsed));
@@ -54,10 +59,13 @@ impl AvroEncoder {
 
     /// Serializes `value` and frames it.
     pub fn encode<T: Serialize>(&self, value: &T) -> Result<Vec<u8>, PipelineError> {
-        let payload = self.writer.write_ser_to_vec(value).map_err(|e| PipelineError::Encode {
-            what: std::any::type_name::<T>().to_string(),
-            message: e.to_string(),
-        })?;
+        let payload = self
+            .writer
+            .write_ser_to_vec(value)
+            .map_err(|e| PipelineError::Encode {
+                what: std::any::type_name::<T>().to_string(),
+                message: e.to_string(),
+            })?;
         Ok(frame(self.id, &payload))
     }
 }
@@ -124,7 +132,11 @@ impl Sink {
         source_topic: &str,
         registry: &dyn SchemaRegistry,
     ) -> Result<Self, PipelineError> {
-        let results = AvroEncoder::register(registry, &format!("{}-value", topics.results), QOS_WINDOW_SCHEMA)?;
+        let results = AvroEncoder::register(
+            registry,
+            &format!("{}-value", topics.results),
+            QOS_WINDOW_SCHEMA,
+        )?;
         let producer: ThreadedProducer<DeliveryTracker> = config
             .create_with_context(DeliveryTracker::default())
             .map_err(PipelineError::kafka("creating the producer"))?;
@@ -140,7 +152,11 @@ impl Sink {
     pub fn send_result(&self, window: &QosWindow) -> Result<(), PipelineError> {
         let value = self.results.encode(window)?;
         let key = window.key();
-        self.send(BaseRecord::to(&self.topics.results).key(key.as_bytes()).payload(&value))
+        self.send(
+            BaseRecord::to(&self.topics.results)
+                .key(key.as_bytes())
+                .payload(&value),
+        )
     }
 
     /// Sends a late record unchanged to the late topic.
@@ -182,7 +198,10 @@ impl Sink {
         OwnedHeaders::new_with_capacity(6)
             .insert(header("marquee.reason", reason))
             .insert(header("marquee.source.topic", &self.source_topic))
-            .insert(header("marquee.source.partition", &origin.partition.to_string()))
+            .insert(header(
+                "marquee.source.partition",
+                &origin.partition.to_string(),
+            ))
             .insert(header("marquee.source.offset", &origin.offset.to_string()))
     }
 
@@ -241,11 +260,17 @@ where
 pub fn flush_and_check(producer: &ThreadedProducer<DeliveryTracker>) -> Result<(), PipelineError> {
     producer
         .flush(Duration::from_secs(60))
-        .map_err(PipelineError::kafka("flushing outputs (is the broker reachable?)"))?;
+        .map_err(PipelineError::kafka(
+            "flushing outputs (is the broker reachable?)",
+        ))?;
     let tracker = producer.context();
     let failures = tracker.failures.swap(0, Ordering::Relaxed);
     if failures > 0 {
-        let first = tracker.first_error.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let first = tracker
+            .first_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         return Err(PipelineError::Other(format!(
             "{failures} record(s) were not delivered, first {}",
             first.unwrap_or_default()
@@ -262,15 +287,39 @@ pub fn ensure_topics(config: &ClientConfig, topics: &[&str], partitions: i32) {
         Ok(admin) => admin,
         Err(e) => return tracing::warn!(error = %e, "cannot create an admin client"),
     };
+    // Only ask for what is missing: some brokers (librdkafka's mock cluster) cannot create
+    // topics at all, and auto-create them on this metadata request instead.
+    let exists = |topic: &str| {
+        admin
+            .inner()
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .ok()
+            .and_then(|m| {
+                m.topics()
+                    .first()
+                    .map(|t| t.error().is_none() && !t.partitions().is_empty())
+            })
+            .unwrap_or(false)
+    };
     let new: Vec<_> = topics
         .iter()
+        .filter(|t| !exists(t))
         .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
         .collect();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    if new.is_empty() {
+        return;
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => return tracing::warn!(error = %e, "cannot start a runtime for topic creation"),
     };
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let timeout = Some(Duration::from_secs(10));
+    let options = AdminOptions::new()
+        .operation_timeout(timeout)
+        .request_timeout(timeout);
     match runtime.block_on(admin.create_topics(&new, &options)) {
         Ok(results) => {
             for result in results {
@@ -286,5 +335,8 @@ pub fn ensure_topics(config: &ClientConfig, topics: &[&str], partitions: i32) {
 }
 
 fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
-    Header { key, value: Some(value) }
+    Header {
+        key,
+        value: Some(value),
+    }
 }

@@ -48,7 +48,10 @@ impl ConsumerContext for SourceContext {
 
 impl SourceContext {
     fn push(&self, event: Assignment) {
-        self.events.lock().unwrap_or_else(|e| e.into_inner()).push(event);
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(event);
     }
 }
 
@@ -57,7 +60,11 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<i32> {
 }
 
 /// Consumer defaults, tuned for throughput with bounded memory. Topology `source.kafka` wins.
-pub fn consumer_config(brokers: &str, group_id: &str, overrides: &BTreeMap<String, String>) -> ClientConfig {
+pub fn consumer_config(
+    brokers: &str,
+    group_id: &str,
+    overrides: &BTreeMap<String, String>,
+) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", brokers)
@@ -110,8 +117,14 @@ impl Source {
         let metadata = self
             .consumer
             .fetch_metadata(Some(&self.topic), Duration::from_secs(10))
-            .map_err(PipelineError::kafka(format!("reading metadata of {}", self.topic)))?;
-        Ok(metadata.topics().first().map_or(0, |t| t.partitions().len() as i32))
+            .map_err(PipelineError::kafka(format!(
+                "reading metadata of {}",
+                self.topic
+            )))?;
+        Ok(metadata
+            .topics()
+            .first()
+            .map_or(0, |t| t.partitions().len() as i32))
     }
 
     /// The next record, or `None` after `timeout` without one.
@@ -121,15 +134,28 @@ impl Source {
 
     /// Rebalance events since the last call.
     pub fn take_assignments(&self) -> Vec<Assignment> {
-        std::mem::take(&mut *self.consumer.context().events.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(
+            &mut *self
+                .consumer
+                .context()
+                .events
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
     }
 
     /// Stops (`true`) or restarts fetching `partition`.
     pub fn set_paused(&self, partition: i32, paused: bool) -> Result<(), PipelineError> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.topic, partition);
-        let result = if paused { self.consumer.pause(&tpl) } else { self.consumer.resume(&tpl) };
-        result.map_err(PipelineError::kafka(format!("pausing/resuming partition {partition}")))
+        let result = if paused {
+            self.consumer.pause(&tpl)
+        } else {
+            self.consumer.resume(&tpl)
+        };
+        result.map_err(PipelineError::kafka(format!(
+            "pausing/resuming partition {partition}"
+        )))
     }
 
     /// Commits next offsets asynchronously (for lag monitoring and new group members).

@@ -83,7 +83,11 @@ impl Watermarks {
     /// A trusted event time was delivered on `partition`.
     pub fn observe(&mut self, partition: i32, event_time: i64) {
         if let Some(clock) = self.partitions.get_mut(&partition) {
-            clock.max_event_time = Some(clock.max_event_time.map_or(event_time, |m| m.max(event_time)));
+            clock.max_event_time = Some(
+                clock
+                    .max_event_time
+                    .map_or(event_time, |m| m.max(event_time)),
+            );
         }
     }
 
@@ -97,7 +101,9 @@ impl Watermarks {
 
     /// Largest event time delivered on `partition`, as stored in checkpoints.
     pub fn max_event_time(&self, partition: i32) -> Option<i64> {
-        self.partitions.get(&partition).and_then(|c| c.max_event_time)
+        self.partitions
+            .get(&partition)
+            .and_then(|c| c.max_event_time)
     }
 
     /// The watermark of `partition`, `i64::MIN` before its first event.
@@ -110,7 +116,9 @@ impl Watermarks {
     /// never are).
     pub fn is_idle(&self, partition: i32, now: Instant) -> bool {
         self.partitions.get(&partition).is_some_and(|c| {
-            c.owned && !c.paused && now.saturating_duration_since(c.last_activity) >= self.idle_timeout
+            c.owned
+                && !c.paused
+                && now.saturating_duration_since(c.last_activity) >= self.idle_timeout
         })
     }
 
@@ -146,10 +154,18 @@ mod tests {
         let later = now + Duration::from_secs(60);
         assert!(!w.is_idle(0, later));
         w.touch(1, later);
-        assert_eq!(w.operator(later), Some(1_900), "partition 0 is someone else's: its watermark counts");
+        assert_eq!(
+            w.operator(later),
+            Some(1_900),
+            "partition 0 is someone else's: its watermark counts"
+        );
         w.disown(1);
         assert_eq!(w.operator(later + Duration::from_secs(60)), Some(1_900));
-        assert_eq!(w.partition(1), 8_900, "a disowned partition keeps its watermark");
+        assert_eq!(
+            w.partition(1),
+            8_900,
+            "a disowned partition keeps its watermark"
+        );
     }
 
     #[test]

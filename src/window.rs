@@ -129,10 +129,8 @@ impl GroupAgg {
         self.rebuffer_ms += event.rebuffer_ms;
         match event.event_type {
             EventType::RebufferStart => self.rebuffer_events += 1,
-            EventType::Play | EventType::Heartbeat => {
-                if self.viewers.insert(session) {
-                    self.fresh_viewers.push(session);
-                }
+            EventType::Play | EventType::Heartbeat if self.viewers.insert(session) => {
+                self.fresh_viewers.push(session);
             }
             _ => {}
         }
@@ -218,7 +216,10 @@ impl PartitionWindows {
     /// Adds an on-time event to its window.
     pub fn add(&mut self, spec: &WindowSpec, dimensions: &[Dimension], event: &PlaybackEvent) {
         let session = session_hash(&event.session_id);
-        let window = self.windows.entry(spec.start(event.event_time)).or_default();
+        let window = self
+            .windows
+            .entry(spec.start(event.event_time))
+            .or_default();
         for (slot, value) in groups(dimensions, event) {
             window.group_mut(slot, value).add(event, session);
         }
@@ -252,7 +253,12 @@ mod tests {
             device_type: "tv".into(),
             title_id: "t".into(),
             country: "NL".into(),
-            cdn: if session.len() % 2 == 0 { "akamai" } else { "fastly" }.into(),
+            cdn: if session.len() % 2 == 0 {
+                "akamai"
+            } else {
+                "fastly"
+            }
+            .into(),
             event_type: kind,
             event_time: t,
             position_ms: 0,
@@ -267,21 +273,43 @@ mod tests {
 
     #[test]
     fn metrics_follow_their_definitions() {
-        let spec = WindowSpec { size: 60_000, grace: 0 };
+        let spec = WindowSpec {
+            size: 60_000,
+            grace: 0,
+        };
         let dims = [Dimension::Cdn];
         let mut p = PartitionWindows::default();
         p.add(&spec, &dims, &event("s1", 1_000, EventType::Play, 0, 0));
-        p.add(&spec, &dims, &event("s1", 2_000, EventType::Heartbeat, 1_000, 0));
-        p.add(&spec, &dims, &event("s22", 3_000, EventType::RebufferStart, 500, 0));
-        p.add(&spec, &dims, &event("s22", 4_000, EventType::RebufferEnd, 0, 500));
-        p.add(&spec, &dims, &event("s333", 61_000, EventType::Heartbeat, 10, 0));
+        p.add(
+            &spec,
+            &dims,
+            &event("s1", 2_000, EventType::Heartbeat, 1_000, 0),
+        );
+        p.add(
+            &spec,
+            &dims,
+            &event("s22", 3_000, EventType::RebufferStart, 500, 0),
+        );
+        p.add(
+            &spec,
+            &dims,
+            &event("s22", 4_000, EventType::RebufferEnd, 0, 500),
+        );
+        p.add(
+            &spec,
+            &dims,
+            &event("s333", 61_000, EventType::Heartbeat, 10, 0),
+        );
         let closed = p.take_closed(&spec, 60_000);
         assert_eq!(closed.len(), 1);
         let results = closed[0].1.results(&spec, 0);
         let all = &results[0];
         assert_eq!((all.dimension.as_str(), all.value.as_str()), ("all", "all"));
         assert_eq!(all.concurrent_viewers, 1, "only s1 had PLAY or HEARTBEAT");
-        assert_eq!((all.play_ms, all.rebuffer_ms, all.rebuffer_events), (1_500, 500, 1));
+        assert_eq!(
+            (all.play_ms, all.rebuffer_ms, all.rebuffer_events),
+            (1_500, 500, 1)
+        );
         assert_eq!(all.rebuffer_ratio, Some(0.25));
         assert_eq!(results.len(), 3, "all, cdn=akamai, cdn=fastly");
         assert_eq!(p.windows.len(), 1, "the next window stays open");

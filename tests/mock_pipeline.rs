@@ -22,7 +22,11 @@ fn pipeline_on_the_mock_cluster_matches_the_reference() {
     kafka.create_topic(&input, 3, 1).unwrap();
     let state = tempfile::tempdir().unwrap();
     let topology = topology(&input, state.path());
-    for t in [&topology.sink.topic, &topology.sink.late_topic, &topology.sink.dead_letter_topic] {
+    for t in [
+        &topology.sink.topic,
+        &topology.sink.late_topic,
+        &topology.sink.dead_letter_topic,
+    ] {
         kafka.create_topic(t, 1, 1).unwrap();
     }
     let events = dataset(3, 3_000);
@@ -41,9 +45,23 @@ fn pipeline_on_the_mock_cluster_matches_the_reference() {
     };
     let run = {
         let (topology, shutdown) = (topology.clone(), shutdown.clone());
-        std::thread::spawn(move || app::run(&topology, &endpoints, &shutdown, Arc::new(Health::default()), None))
+        std::thread::spawn(move || {
+            app::run(
+                &topology,
+                &endpoints,
+                &shutdown,
+                Arc::new(Health::default()),
+                None,
+            )
+        })
     };
-    let results = read_topic(&brokers, &topology.sink.topic, expected.results.len(), Duration::from_secs(6), Duration::from_secs(90));
+    let results = read_topic(
+        &brokers,
+        &topology.sink.topic,
+        expected.results.len(),
+        Duration::from_secs(6),
+        Duration::from_secs(90),
+    );
     shutdown.cancel();
     run.join().unwrap().expect("pipeline stops cleanly");
     assert_results_equal(&results_by_key(&results), &expected.results);

@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::qos::{assert_results_equal, dataset, expected, late_event_ids, results_by_key, topology, Feeder};
+use common::qos::{
+    assert_results_equal, dataset, expected, late_event_ids, results_by_key, topology, Feeder,
+};
 use common::{broker, free_port, http_get, read_topic, registry, unique, wait_for, Consumed};
 use marquee::app::{self, Endpoints};
 use marquee::config::Topology;
@@ -16,6 +18,9 @@ use marquee::decode::frame;
 use marquee::http::Health;
 use marquee::record::PlaybackEvent;
 use tokio_util::sync::CancellationToken;
+
+/// A poison record: the dead-letter reason it must get, its key and value.
+type Poison<'a> = (&'a str, Option<&'a [u8]>, Option<Vec<u8>>);
 
 #[test]
 fn results_match_the_reference_with_disorder_lateness_poison_and_an_idle_partition() {
@@ -27,17 +32,33 @@ fn results_match_the_reference_with_disorder_lateness_poison_and_an_idle_partiti
 
     let events = dataset(7, 6_000);
     let expected = expected(&events);
-    assert!(expected.late.len() > 20, "the dataset has late events ({})", expected.late.len());
+    assert!(
+        expected.late.len() > 20,
+        "the dataset has late events ({})",
+        expected.late.len()
+    );
     assert!(expected.results.len() > 100);
 
     let feeder = Feeder::new(&brokers, &input);
     let valid = frame(999_999, b"\x02");
-    let poison: Vec<(&str, Option<&[u8]>, Option<Vec<u8>>)> = vec![
-        ("bad_magic_byte", Some(b"s-x"), Some(b"\x07\x00\x00\x00\x01garbage".to_vec())),
+    let poison: Vec<Poison> = vec![
+        (
+            "bad_magic_byte",
+            Some(b"s-x"),
+            Some(b"\x07\x00\x00\x00\x01garbage".to_vec()),
+        ),
         ("truncated", Some(b"s-x"), Some(vec![0, 0, 1])),
         ("unknown_schema_id", Some(b"s-x"), Some(valid)),
-        ("missing_key", None, Some(feeder.v1.encode(&events[0].1).unwrap())),
-        ("bad_payload", Some(b"s-x"), Some(frame(feeder.v1.schema_id(), &[0x80, 0x80, 0x80]))),
+        (
+            "missing_key",
+            None,
+            Some(feeder.v1.encode(&events[0].1).unwrap()),
+        ),
+        (
+            "bad_payload",
+            Some(b"s-x"),
+            Some(frame(feeder.v1.schema_id(), &[0x80, 0x80, 0x80])),
+        ),
     ];
     let mut future = events[1].1.clone();
     future.event_id = "from-the-future".into();
@@ -67,13 +88,32 @@ fn results_match_the_reference_with_disorder_lateness_poison_and_an_idle_partiti
     let shutdown = CancellationToken::new();
     let health = Arc::new(Health::default());
     let run = {
-        let (topology, shutdown, health) = (topology.clone(), shutdown.clone(), Arc::clone(&health));
+        let (topology, shutdown, health) =
+            (topology.clone(), shutdown.clone(), Arc::clone(&health));
         std::thread::spawn(move || app::run(&topology, &endpoints, &shutdown, health, None))
     };
 
-    let results = read_topic(&brokers, &topology.sink.topic, expected.results.len(), Duration::from_secs(6), Duration::from_secs(120));
-    let late = read_topic(&brokers, &topology.sink.late_topic, expected.late.len(), Duration::from_secs(1), Duration::from_secs(30));
-    let dead = read_topic(&brokers, &topology.sink.dead_letter_topic, poison_sent, Duration::from_secs(1), Duration::from_secs(30));
+    let results = read_topic(
+        &brokers,
+        &topology.sink.topic,
+        expected.results.len(),
+        Duration::from_secs(6),
+        Duration::from_secs(120),
+    );
+    let late = read_topic(
+        &brokers,
+        &topology.sink.late_topic,
+        expected.late.len(),
+        Duration::from_secs(1),
+        Duration::from_secs(30),
+    );
+    let dead = read_topic(
+        &brokers,
+        &topology.sink.dead_letter_topic,
+        poison_sent,
+        Duration::from_secs(1),
+        Duration::from_secs(30),
+    );
 
     let (status, metrics) = http_get(&http, "/metrics");
     assert_eq!(status, 200);
@@ -83,27 +123,53 @@ fn results_match_the_reference_with_disorder_lateness_poison_and_an_idle_partiti
     run.join().unwrap().expect("pipeline stops cleanly");
 
     assert_results_equal(&results_by_key(&results), &expected.results);
-    assert_eq!(results.len(), expected.results.len(), "each window result is emitted once");
+    assert_eq!(
+        results.len(),
+        expected.results.len(),
+        "each window result is emitted once"
+    );
 
-    assert_eq!(late_event_ids(&late), expected.late, "the late topic holds exactly the late records");
+    assert_eq!(
+        late_event_ids(&late),
+        expected.late,
+        "the late topic holds exactly the late records"
+    );
     assert_eq!(late.len(), expected.late.len());
     for r in &late {
         assert_eq!(r.header("marquee.reason"), Some("late"));
         assert_eq!(r.header("marquee.source.topic"), Some(input.as_str()));
-        assert!(r.header("marquee.source.offset").is_some_and(|o| o.parse::<i64>().is_ok()));
+        assert!(r
+            .header("marquee.source.offset")
+            .is_some_and(|o| o.parse::<i64>().is_ok()));
     }
 
-    assert_eq!(dead.len(), poison_sent, "every poison record is dead-lettered once");
-    let reasons: BTreeMap<&str, &Consumed> = dead.iter().map(|r| (r.header("marquee.reason").unwrap(), r)).collect();
+    assert_eq!(
+        dead.len(),
+        poison_sent,
+        "every poison record is dead-lettered once"
+    );
+    let reasons: BTreeMap<&str, &Consumed> = dead
+        .iter()
+        .map(|r| (r.header("marquee.reason").unwrap(), r))
+        .collect();
     assert_eq!(reasons.len(), poison.len() + 1, "{:?}", reasons.keys());
     for (reason, key, value) in &poison {
-        let r = reasons.get(reason).unwrap_or_else(|| panic!("no dead letter with reason {reason}"));
+        let r = reasons
+            .get(reason)
+            .unwrap_or_else(|| panic!("no dead letter with reason {reason}"));
         assert_eq!(r.key.as_deref(), *key, "{reason}: key unchanged");
-        assert_eq!(r.value.as_deref(), value.as_deref(), "{reason}: value unchanged");
+        assert_eq!(
+            r.value.as_deref(),
+            value.as_deref(),
+            "{reason}: value unchanged"
+        );
         assert!(r.header("marquee.error").is_some_and(|e| !e.is_empty()));
         assert!(r.header("marquee.source.partition").is_some());
     }
-    assert_eq!(reasons["future_event_time"].value.as_deref(), Some(future_value.as_slice()));
+    assert_eq!(
+        reasons["future_event_time"].value.as_deref(),
+        Some(future_value.as_slice())
+    );
 
     for needle in [
         "marquee_records_consumed_total{",
@@ -119,7 +185,10 @@ fn results_match_the_reference_with_disorder_lateness_poison_and_an_idle_partiti
         "marquee_qos_rebuffer_ratio{dimension=\"all\",value=\"all\"}",
         "marquee_partition_idle{",
     ] {
-        assert!(metrics.contains(needle), "/metrics lacks {needle}:\n{metrics}");
+        assert!(
+            metrics.contains(needle),
+            "/metrics lacks {needle}:\n{metrics}"
+        );
     }
     assert!(!metrics.contains("title_id"), "no title-level series");
 }
@@ -163,7 +232,14 @@ fn sigkill_and_restart_ends_with_the_same_records() {
     let feeder = Feeder::new(&brokers, &input);
     let spawn = || {
         std::process::Command::new(env!("CARGO_BIN_EXE_marquee"))
-            .args(["run", file.to_str().unwrap(), "--brokers", &brokers, "--registry", &registry().url()])
+            .args([
+                "run",
+                file.to_str().unwrap(),
+                "--brokers",
+                &brokers,
+                "--registry",
+                &registry().url(),
+            ])
             .args(["--http", &format!("127.0.0.1:{}", free_port())])
             .env("RUST_LOG", "warn")
             .spawn()
@@ -183,7 +259,13 @@ fn sigkill_and_restart_ends_with_the_same_records() {
         let mut child = spawn();
         // Let it get into the middle of its work, then kill it without warning.
         wait_for("the first results", Duration::from_secs(60), || {
-            let seen = read_topic(&brokers, &topology.sink.topic, 1, Duration::ZERO, Duration::from_millis(500));
+            let seen = read_topic(
+                &brokers,
+                &topology.sink.topic,
+                1,
+                Duration::ZERO,
+                Duration::from_millis(500),
+            );
             (!seen.is_empty()).then_some(())
         });
         send(chunk);
@@ -195,13 +277,32 @@ fn sigkill_and_restart_ends_with_the_same_records() {
         send(chunk);
     }
     let mut child = spawn();
-    let results = read_topic(&brokers, &topology.sink.topic, expected.results.len(), Duration::from_secs(6), Duration::from_secs(180));
-    let late = read_topic(&brokers, &topology.sink.late_topic, expected.late.len(), Duration::from_secs(1), Duration::from_secs(30));
+    let results = read_topic(
+        &brokers,
+        &topology.sink.topic,
+        expected.results.len(),
+        Duration::from_secs(6),
+        Duration::from_secs(180),
+    );
+    let late = read_topic(
+        &brokers,
+        &topology.sink.late_topic,
+        expected.late.len(),
+        Duration::from_secs(1),
+        Duration::from_secs(30),
+    );
     // SIGTERM: a clean stop.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
-    assert!(status.success(), "marquee exits cleanly on SIGTERM: {status}");
+    assert!(
+        status.success(),
+        "marquee exits cleanly on SIGTERM: {status}"
+    );
 
     assert_results_equal(&results_by_key(&results), &expected.results);
-    assert_eq!(late_event_ids(&late), expected.late, "late records, duplicates allowed");
+    assert_eq!(
+        late_event_ids(&late),
+        expected.late,
+        "late records, duplicates allowed"
+    );
 }

@@ -42,13 +42,19 @@ fn a_minimal_topology_takes_the_documented_defaults() {
 #[test]
 fn unknown_keys_are_named() {
     let e = error_of(&MINIMAL.replace("[qos]\n", "[qos]\nwindow_size = \"1m\"\n"));
-    assert!(e.contains("topologies/broken.toml") && e.contains("window_size"), "{e}");
+    assert!(
+        e.contains("topologies/broken.toml") && e.contains("window_size"),
+        "{e}"
+    );
 }
 
 #[test]
 fn bad_durations_say_what_was_expected() {
     let e = error_of(&MINIMAL.replace("[qos]\n", "[qos]\ngrace = \"thirty seconds\"\n"));
-    assert!(e.contains("thirty seconds") && e.contains("such as 500ms, 30s, 5m"), "{e}");
+    assert!(
+        e.contains("thirty seconds") && e.contains("such as 500ms, 30s, 5m"),
+        "{e}"
+    );
     assert!(e.contains("grace"), "names the key: {e}");
 }
 
@@ -68,7 +74,10 @@ fn every_semantic_problem_is_reported_at_once() {
     assert!(e.contains("3 problem(s)"), "{e}");
     assert!(e.contains("`qos.window` is 7000ms"), "{e}");
     assert!(e.contains("`title_id`"), "{e}");
-    assert!(e.contains("`sink.topic` is `playback-events`, the input topic"), "{e}");
+    assert!(
+        e.contains("`sink.topic` is `playback-events`, the input topic"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -77,7 +86,11 @@ fn validate_command_checks_without_running() {
         .args(["validate", "topologies/qos.toml"])
         .output()
         .unwrap();
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     assert!(String::from_utf8_lossy(&ok.stdout).contains("topologies/qos.toml: ok"));
 
     let dir = tempfile::tempdir().unwrap();
@@ -89,5 +102,8 @@ fn validate_command_checks_without_running() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("bad.toml") && stderr.contains("qos.window"), "{stderr}");
+    assert!(
+        stderr.contains("bad.toml") && stderr.contains("qos.window"),
+        "{stderr}"
+    );
 }

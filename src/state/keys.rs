@@ -50,8 +50,19 @@ pub fn viewer_key(partition: i32, start: i64, slot: u8, value: &str, session: u6
 /// A decoded window-store key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WindowKey {
-    Counters { partition: i32, start: i64, slot: u8, value: String },
-    Viewer { partition: i32, start: i64, slot: u8, value: String, session: u64 },
+    Counters {
+        partition: i32,
+        start: i64,
+        slot: u8,
+        value: String,
+    },
+    Viewer {
+        partition: i32,
+        start: i64,
+        slot: u8,
+        value: String,
+        session: u64,
+    },
 }
 
 /// Decodes a window-store key; `None` when it is malformed.

@@ -42,7 +42,11 @@ pub struct Store {
 
 impl Store {
     /// Opens (or creates) the database in `dir` with a shared cache and write-buffer budget.
-    pub fn open(dir: &Path, block_cache_mib: usize, write_buffer_mib: usize) -> Result<Self, StateError> {
+    pub fn open(
+        dir: &Path,
+        block_cache_mib: usize,
+        write_buffer_mib: usize,
+    ) -> Result<Self, StateError> {
         let cache = Cache::new_lru_cache(block_cache_mib << 20);
         let buffers = WriteBufferManager::new_write_buffer_manager_with_cache(
             write_buffer_mib << 20,
@@ -58,16 +62,20 @@ impl Store {
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
         db_opts.set_write_buffer_manager(&buffers);
-        let cfs = [CF_WINDOWS, CF_META].map(|name| ColumnFamilyDescriptor::new(name, cf_opts.clone()));
-        let db = DB::open_cf_descriptors(&db_opts, dir, cfs).map_err(|source| StateError::Open {
-            dir: dir.to_path_buf(),
-            source,
-        })?;
+        let cfs =
+            [CF_WINDOWS, CF_META].map(|name| ColumnFamilyDescriptor::new(name, cf_opts.clone()));
+        let db =
+            DB::open_cf_descriptors(&db_opts, dir, cfs).map_err(|source| StateError::Open {
+                dir: dir.to_path_buf(),
+                source,
+            })?;
         Ok(Self { db })
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
-        self.db.cf_handle(name).expect("column families are created at open")
+        self.db
+            .cf_handle(name)
+            .expect("column families are created at open")
     }
 
     /// The checkpoint of `partition`, if one was ever written.
@@ -102,9 +110,10 @@ impl Store {
     pub fn load_windows(&self, partition: i32) -> Result<PartitionWindows, StateError> {
         let prefix = keys::partition_prefix(partition);
         let mut windows = PartitionWindows::default();
-        let iter = self
-            .db
-            .iterator_cf(self.cf(CF_WINDOWS), IteratorMode::From(&prefix, Direction::Forward));
+        let iter = self.db.iterator_cf(
+            self.cf(CF_WINDOWS),
+            IteratorMode::From(&prefix, Direction::Forward),
+        );
         for item in iter {
             let (key, value) = item?;
             if !key.starts_with(&prefix) {
@@ -115,15 +124,32 @@ impl Store {
                 message: message.to_string(),
             };
             match keys::decode(&key).ok_or_else(|| corrupt("undecodable key"))? {
-                WindowKey::Counters { start, slot, value: group, .. } => {
+                WindowKey::Counters {
+                    start,
+                    slot,
+                    value: group,
+                    ..
+                } => {
                     let agg = group_of(&mut windows, start, slot, &group);
-                    let v: [u8; 24] = value.as_ref().try_into().map_err(|_| corrupt("expected 24 bytes"))?;
+                    let v: [u8; 24] = value
+                        .as_ref()
+                        .try_into()
+                        .map_err(|_| corrupt("expected 24 bytes"))?;
                     agg.play_ms = i64::from_le_bytes(v[0..8].try_into().expect("8 bytes"));
                     agg.rebuffer_ms = i64::from_le_bytes(v[8..16].try_into().expect("8 bytes"));
-                    agg.rebuffer_events = i64::from_le_bytes(v[16..24].try_into().expect("8 bytes"));
+                    agg.rebuffer_events =
+                        i64::from_le_bytes(v[16..24].try_into().expect("8 bytes"));
                 }
-                WindowKey::Viewer { start, slot, value: group, session, .. } => {
-                    group_of(&mut windows, start, slot, &group).viewers.insert(session);
+                WindowKey::Viewer {
+                    start,
+                    slot,
+                    value: group,
+                    session,
+                    ..
+                } => {
+                    group_of(&mut windows, start, slot, &group)
+                        .viewers
+                        .insert(session);
                 }
             }
         }
@@ -131,7 +157,12 @@ impl Store {
     }
 
     /// Stages what changed in `windows` since the last checkpoint, and clears the change marks.
-    pub fn stage_windows(&self, batch: &mut WriteBatch, partition: i32, windows: &mut PartitionWindows) {
+    pub fn stage_windows(
+        &self,
+        batch: &mut WriteBatch,
+        partition: i32,
+        windows: &mut PartitionWindows,
+    ) {
         let cf = self.cf(CF_WINDOWS);
         for (&start, window) in windows.windows.iter_mut() {
             for (slot, groups) in window.groups.iter_mut().enumerate() {
@@ -143,7 +174,11 @@ impl Store {
                     value[16..24].copy_from_slice(&agg.rebuffer_events.to_le_bytes());
                     batch.put_cf(cf, keys::counters_key(partition, start, slot, group), value);
                     for session in agg.fresh_viewers.drain(..) {
-                        batch.put_cf(cf, keys::viewer_key(partition, start, slot, group, session), []);
+                        batch.put_cf(
+                            cf,
+                            keys::viewer_key(partition, start, slot, group, session),
+                            [],
+                        );
                     }
                     agg.dirty = false;
                 }
@@ -169,7 +204,11 @@ impl Store {
 
     /// Stages the emitted-window frontier.
     pub fn stage_closed_through(&self, batch: &mut WriteBatch, watermark: i64) {
-        batch.put_cf(self.cf(CF_META), META_CLOSED_THROUGH, watermark.to_le_bytes());
+        batch.put_cf(
+            self.cf(CF_META),
+            META_CLOSED_THROUGH,
+            watermark.to_le_bytes(),
+        );
     }
 
     /// Writes a batch atomically (through the WAL: it survives a killed process).
@@ -182,15 +221,33 @@ impl Store {
         [CF_WINDOWS, CF_META]
             .iter()
             .flat_map(|cf| {
-                ["rocksdb.total-sst-files-size", "rocksdb.size-all-mem-tables"]
-                    .map(|p| self.db.property_int_value_cf(self.cf(cf), p).ok().flatten().unwrap_or(0))
+                [
+                    "rocksdb.total-sst-files-size",
+                    "rocksdb.size-all-mem-tables",
+                ]
+                .map(|p| {
+                    self.db
+                        .property_int_value_cf(self.cf(cf), p)
+                        .ok()
+                        .flatten()
+                        .unwrap_or(0)
+                })
             })
             .sum()
     }
 }
 
-fn group_of<'w>(windows: &'w mut PartitionWindows, start: i64, slot: u8, group: &str) -> &'w mut GroupAgg {
-    windows.windows.entry(start).or_default().group_mut(slot, group)
+fn group_of<'w>(
+    windows: &'w mut PartitionWindows,
+    start: i64,
+    slot: u8,
+    group: &str,
+) -> &'w mut GroupAgg {
+    windows
+        .windows
+        .entry(start)
+        .or_default()
+        .group_mut(slot, group)
 }
 
 #[cfg(test)]
@@ -212,7 +269,11 @@ mod tests {
             title_id: "t".into(),
             country: ["NL", "US", "BR"][i as usize % 3].into(),
             cdn: "c".into(),
-            event_type: [EventType::Heartbeat, EventType::RebufferStart, EventType::Play][i as usize % 3],
+            event_type: [
+                EventType::Heartbeat,
+                EventType::RebufferStart,
+                EventType::Play,
+            ][i as usize % 3],
             event_time: t,
             position_ms: 0,
             duration_ms: None,
@@ -272,7 +333,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 8, 8).unwrap();
         assert_eq!(store.partition_meta(3).unwrap(), None);
-        let meta = PartitionMeta { next_offset: 42, max_event_time: Some(-5) };
+        let meta = PartitionMeta {
+            next_offset: 42,
+            max_event_time: Some(-5),
+        };
         let mut batch = WriteBatch::default();
         store.stage_meta(&mut batch, 3, meta);
         store.stage_closed_through(&mut batch, 99);

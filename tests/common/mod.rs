@@ -26,7 +26,9 @@ pub struct Broker {
 /// The broker shared by every test in this binary (also sets up test logging: RUST_LOG).
 pub fn broker() -> &'static Broker {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_test_writer()
         .try_init();
     static BROKER: OnceLock<Broker> = OnceLock::new();
@@ -36,8 +38,12 @@ pub fn broker() -> &'static Broker {
 fn tansu_binary() -> String {
     let candidates = [
         std::env::var("TANSU").ok(),
-        std::env::var("CARGO_HOME").ok().map(|h| format!("{h}/bin/tansu")),
-        std::env::var("HOME").ok().map(|h| format!("{h}/.cargo/bin/tansu")),
+        std::env::var("CARGO_HOME")
+            .ok()
+            .map(|h| format!("{h}/bin/tansu")),
+        std::env::var("HOME")
+            .ok()
+            .map(|h| format!("{h}/.cargo/bin/tansu")),
     ];
     for path in candidates.into_iter().flatten() {
         if std::path::Path::new(&path).is_file() {
@@ -60,7 +66,13 @@ fn start_tansu() -> Broker {
     let url = format!("tcp://127.0.0.1:{port}");
     let mut command = Command::new(&binary);
     command
-        .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     // SAFETY: prctl is async-signal-safe; it makes the broker die with the test process.
@@ -86,7 +98,10 @@ fn start_tansu() -> Broker {
         .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
     let deadline = Instant::now() + Duration::from_secs(30);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "Tansu did not listen on port {port} within 30s");
+        assert!(
+            Instant::now() < deadline,
+            "Tansu did not listen on port {port} within 30s"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     Broker {
@@ -138,7 +153,10 @@ pub fn create_topic(brokers: &str, topic: &str, partitions: i32) {
         if found as i32 == partitions {
             return;
         }
-        assert!(Instant::now() < deadline, "topic {topic} has {found} partitions, expected {partitions}");
+        assert!(
+            Instant::now() < deadline,
+            "topic {topic} has {found} partitions, expected {partitions}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -156,7 +174,10 @@ pub struct Consumed {
 impl Consumed {
     /// The value of header `name`.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// The key as UTF-8.
@@ -167,7 +188,13 @@ impl Consumed {
 
 /// Reads `topic` from the beginning until at least `expected` records arrived and nothing new
 /// came for `quiet`, or `timeout` passed.
-pub fn read_topic(brokers: &str, topic: &str, expected: usize, quiet: Duration, timeout: Duration) -> Vec<Consumed> {
+pub fn read_topic(
+    brokers: &str,
+    topic: &str,
+    expected: usize,
+    quiet: Duration,
+    timeout: Duration,
+) -> Vec<Consumed> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", unique("reader"))
@@ -177,13 +204,22 @@ pub fn read_topic(brokers: &str, topic: &str, expected: usize, quiet: Duration, 
         .expect("reader consumer");
     // The topic may not exist yet (the pipeline creates its outputs as it starts).
     let partitions: Vec<i32> = wait_for(&format!("topic {topic} to exist"), timeout, || {
-        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)).ok()?;
-        let ids: Vec<i32> = metadata.topics().first()?.partitions().iter().map(|p| p.id()).collect();
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .ok()?;
+        let ids: Vec<i32> = metadata
+            .topics()
+            .first()?
+            .partitions()
+            .iter()
+            .map(|p| p.id())
+            .collect();
         (!ids.is_empty()).then_some(ids)
     });
     let mut tpl = TopicPartitionList::new();
     for p in partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).expect("partition");
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("partition");
     }
     consumer.assign(&tpl).expect("assign");
     let mut out = Vec::new();
@@ -199,7 +235,13 @@ pub fn read_topic(brokers: &str, topic: &str, expected: usize, quiet: Duration, 
                     .headers()
                     .map(|h| {
                         h.iter()
-                            .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                            .map(|h| {
+                                (
+                                    h.key.to_string(),
+                                    String::from_utf8_lossy(h.value.unwrap_or_default())
+                                        .into_owned(),
+                                )
+                            })
                             .collect()
                     })
                     .unwrap_or_default();
@@ -223,7 +265,9 @@ pub fn read_topic(brokers: &str, topic: &str, expected: usize, quiet: Duration, 
 pub fn decode_qos(value: &[u8]) -> marquee::record::QosWindow {
     let (_, mut payload) = marquee::decode::split_frame(value).expect("framed result");
     let schema = apache_avro::Schema::parse_str(marquee::sink::QOS_WINDOW_SCHEMA).unwrap();
-    let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema).build().unwrap();
+    let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
+        .build()
+        .unwrap();
     let v = reader.read_value(&mut payload).expect("QosWindow Avro");
     apache_avro::from_value(&v).expect("QosWindow fields")
 }
@@ -235,8 +279,15 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
-    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -247,7 +298,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
         if let Some(v) = check() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }

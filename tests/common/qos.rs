@@ -105,7 +105,12 @@ impl Feeder {
         let producer = producer_config(brokers, &Default::default())
             .create_with_context(DeliveryTracker::default())
             .unwrap();
-        Self { producer, v1, v2_id, topic: topic.to_string() }
+        Self {
+            producer,
+            v1,
+            v2_id,
+            topic: topic.to_string(),
+        }
     }
 
     /// Every 10th event is written with the v2 writer schema.
@@ -123,7 +128,8 @@ impl Feeder {
     }
 
     pub fn raw(&self, partition: i32, key: Option<&[u8]>, value: Option<&[u8]>) {
-        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&self.topic).partition(partition);
+        let mut record: BaseRecord<'_, [u8], [u8]> =
+            BaseRecord::to(&self.topic).partition(partition);
         if let Some(k) = key {
             record = record.key(k);
         }
@@ -150,9 +156,20 @@ pub fn results_by_key(records: &[Consumed]) -> BTreeMap<String, QosWindow> {
     by_key
 }
 
-pub fn assert_results_equal(actual: &BTreeMap<String, QosWindow>, expected: &BTreeMap<String, QosWindow>) {
-    let missing: Vec<_> = expected.keys().filter(|k| !actual.contains_key(*k)).take(5).collect();
-    let extra: Vec<_> = actual.keys().filter(|k| !expected.contains_key(*k)).take(5).collect();
+pub fn assert_results_equal(
+    actual: &BTreeMap<String, QosWindow>,
+    expected: &BTreeMap<String, QosWindow>,
+) {
+    let missing: Vec<_> = expected
+        .keys()
+        .filter(|k| !actual.contains_key(*k))
+        .take(5)
+        .collect();
+    let extra: Vec<_> = actual
+        .keys()
+        .filter(|k| !expected.contains_key(*k))
+        .take(5)
+        .collect();
     let differing: Vec<_> = expected
         .iter()
         .filter_map(|(k, e)| actual.get(k).filter(|a| *a != e).map(|a| (e, a)))
@@ -179,4 +196,3 @@ pub fn late_event_ids(records: &[Consumed]) -> BTreeSet<String> {
         })
         .collect()
 }
-

@@ -58,7 +58,10 @@ pub fn compute(rules: Rules, per_partition: &BTreeMap<i32, Vec<PlaybackEvent>>) 
                 ("country", e.country.as_str()),
                 ("device_type", e.device_type.as_str()),
             ] {
-                groups.entry((dim.into(), value.into())).or_default().push(e);
+                groups
+                    .entry((dim.into(), value.into()))
+                    .or_default()
+                    .push(e);
             }
         }
         for ((dimension, value), events) in groups {
@@ -77,7 +80,10 @@ pub fn compute(rules: Rules, per_partition: &BTreeMap<i32, Vec<PlaybackEvent>>) 
                 concurrent_viewers: viewers.len() as i64,
                 play_ms,
                 rebuffer_ms,
-                rebuffer_events: events.iter().filter(|e| e.event_type == EventType::RebufferStart).count() as i64,
+                rebuffer_events: events
+                    .iter()
+                    .filter(|e| e.event_type == EventType::RebufferStart)
+                    .count() as i64,
                 rebuffer_ratio: if play_ms + rebuffer_ms == 0 {
                     None
                 } else {
