@@ -4,7 +4,9 @@
 //! A window `[start, end)` closes when the watermark reaches `end + grace`; a record whose
 //! window has closed by its own partition's watermark (or was already emitted) is late.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
+
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::time::Duration;
 
 use crate::config::Dimension;
@@ -115,11 +117,9 @@ pub struct GroupAgg {
     pub rebuffer_ms: i64,
     pub rebuffer_events: i64,
     /// Hashes of sessions with a PLAY or HEARTBEAT in the window.
-    pub viewers: HashSet<u64>,
-    /// Counters changed since the last checkpoint.
+    pub viewers: FxHashSet<u64>,
+    /// Changed since the last checkpoint.
     pub dirty: bool,
-    /// Viewers added since the last checkpoint (written as their own state entries).
-    pub fresh_viewers: Vec<u64>,
 }
 
 impl GroupAgg {
@@ -129,8 +129,8 @@ impl GroupAgg {
         self.rebuffer_ms += event.rebuffer_ms;
         match event.event_type {
             EventType::RebufferStart => self.rebuffer_events += 1,
-            EventType::Play | EventType::Heartbeat if self.viewers.insert(session) => {
-                self.fresh_viewers.push(session);
+            EventType::Play | EventType::Heartbeat => {
+                self.viewers.insert(session);
             }
             _ => {}
         }
@@ -149,7 +149,7 @@ impl GroupAgg {
 /// Every group's aggregate of one window, indexed by slot then group value.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct WindowPartial {
-    pub groups: [HashMap<Box<str>, GroupAgg>; GROUP_SLOTS],
+    pub groups: [FxHashMap<Box<str>, GroupAgg>; GROUP_SLOTS],
 }
 
 impl WindowPartial {
@@ -173,7 +173,7 @@ impl WindowPartial {
 
     /// Number of groups with data.
     pub fn len(&self) -> usize {
-        self.groups.iter().map(HashMap::len).sum()
+        self.groups.iter().map(FxHashMap::len).sum()
     }
 
     /// Whether no group has data.

@@ -2,11 +2,6 @@
 //! flipped) so that entries sort by partition, then window start, then group: a partition's
 //! state is one contiguous range, and a closed window is one range delete.
 
-/// Entry holding a group's counters.
-pub const TAG_COUNTERS: u8 = 0;
-/// Entry recording one viewer (session hash) of a group.
-pub const TAG_VIEWER: u8 = 1;
-
 /// Encodes an event time so that byte order is numeric order.
 pub fn time_bytes(t: i64) -> [u8; 8] {
     ((t as u64) ^ (1 << 63)).to_be_bytes()
@@ -30,62 +25,31 @@ pub fn window_prefix(partition: i32, start: i64) -> Vec<u8> {
     key
 }
 
-/// Key of a group's counters.
-pub fn counters_key(partition: i32, start: i64, slot: u8, value: &str) -> Vec<u8> {
+/// Key of one group of one window of `partition`.
+pub fn group_key(partition: i32, start: i64, slot: u8, value: &str) -> Vec<u8> {
     let mut key = window_prefix(partition, start);
-    key.extend_from_slice(&[TAG_COUNTERS, slot]);
-    key.extend_from_slice(value.as_bytes());
-    key
-}
-
-/// Key of one viewer of a group.
-pub fn viewer_key(partition: i32, start: i64, slot: u8, value: &str, session: u64) -> Vec<u8> {
-    let mut key = window_prefix(partition, start);
-    key.extend_from_slice(&[TAG_VIEWER, slot]);
-    key.extend_from_slice(&session.to_be_bytes());
+    key.push(slot);
     key.extend_from_slice(value.as_bytes());
     key
 }
 
 /// A decoded window-store key.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WindowKey {
-    Counters {
-        partition: i32,
-        start: i64,
-        slot: u8,
-        value: String,
-    },
-    Viewer {
-        partition: i32,
-        start: i64,
-        slot: u8,
-        value: String,
-        session: u64,
-    },
+pub struct GroupKey {
+    pub partition: i32,
+    pub start: i64,
+    pub slot: u8,
+    pub value: String,
 }
 
-/// Decodes a window-store key; `None` when it is malformed.
-pub fn decode(key: &[u8]) -> Option<WindowKey> {
-    let partition = u32::from_be_bytes(key.get(0..4)?.try_into().ok()?) as i32;
-    let start = time_from(key.get(4..12)?.try_into().ok()?);
-    let (tag, slot) = (*key.get(12)?, *key.get(13)?);
-    match tag {
-        TAG_COUNTERS => Some(WindowKey::Counters {
-            partition,
-            start,
-            slot,
-            value: String::from_utf8(key[14..].to_vec()).ok()?,
-        }),
-        TAG_VIEWER => Some(WindowKey::Viewer {
-            partition,
-            start,
-            slot,
-            session: u64::from_be_bytes(key.get(14..22)?.try_into().ok()?),
-            value: String::from_utf8(key[22..].to_vec()).ok()?,
-        }),
-        _ => None,
-    }
+/// Decodes a [`group_key`]; `None` when it is malformed.
+pub fn decode(key: &[u8]) -> Option<GroupKey> {
+    Some(GroupKey {
+        partition: u32::from_be_bytes(key.get(0..4)?.try_into().ok()?) as i32,
+        start: time_from(key.get(4..12)?.try_into().ok()?),
+        slot: *key.get(12)?,
+        value: String::from_utf8(key.get(13..)?.to_vec()).ok()?,
+    })
 }
 
 #[cfg(test)]
@@ -95,16 +59,14 @@ mod tests {
 
     proptest! {
         #[test]
-        fn keys_round_trip(p in 0i32..10_000, start in any::<i64>(), slot in 0u8..5, value in "[a-z/]{0,12}", session in any::<u64>()) {
-            prop_assert_eq!(decode(&counters_key(p, start, slot, &value)),
-                Some(WindowKey::Counters { partition: p, start, slot, value: value.clone() }));
-            prop_assert_eq!(decode(&viewer_key(p, start, slot, &value, session)),
-                Some(WindowKey::Viewer { partition: p, start, slot, value, session }));
+        fn keys_round_trip(p in 0i32..10_000, start in any::<i64>(), slot in 0u8..5, value in "[a-z/]{0,12}") {
+            prop_assert_eq!(decode(&group_key(p, start, slot, &value)),
+                Some(GroupKey { partition: p, start, slot, value }));
         }
 
         #[test]
         fn keys_sort_by_partition_then_time(a in (0i32..100, any::<i64>()), b in (0i32..100, any::<i64>())) {
-            let (ka, kb) = (counters_key(a.0, a.1, 0, "x"), counters_key(b.0, b.1, 0, "x"));
+            let (ka, kb) = (group_key(a.0, a.1, 0, "x"), group_key(b.0, b.1, 0, "x"));
             prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
         }
     }

@@ -17,7 +17,6 @@ use rocksdb::{
 
 use crate::error::StateError;
 use crate::window::{GroupAgg, PartitionWindows};
-use keys::WindowKey;
 
 /// Column family of the QoS window store.
 pub const CF_WINDOWS: &str = "qos_windows";
@@ -123,35 +122,10 @@ impl Store {
                 key: format!("{CF_WINDOWS}/{key:?}"),
                 message: message.to_string(),
             };
-            match keys::decode(&key).ok_or_else(|| corrupt("undecodable key"))? {
-                WindowKey::Counters {
-                    start,
-                    slot,
-                    value: group,
-                    ..
-                } => {
-                    let agg = group_of(&mut windows, start, slot, &group);
-                    let v: [u8; 24] = value
-                        .as_ref()
-                        .try_into()
-                        .map_err(|_| corrupt("expected 24 bytes"))?;
-                    agg.play_ms = i64::from_le_bytes(v[0..8].try_into().expect("8 bytes"));
-                    agg.rebuffer_ms = i64::from_le_bytes(v[8..16].try_into().expect("8 bytes"));
-                    agg.rebuffer_events =
-                        i64::from_le_bytes(v[16..24].try_into().expect("8 bytes"));
-                }
-                WindowKey::Viewer {
-                    start,
-                    slot,
-                    value: group,
-                    session,
-                    ..
-                } => {
-                    group_of(&mut windows, start, slot, &group)
-                        .viewers
-                        .insert(session);
-                }
-            }
+            let group = keys::decode(&key).ok_or_else(|| corrupt("undecodable key"))?;
+            let agg = decode_group(&value)
+                .ok_or_else(|| corrupt("expected 24 bytes of counters and 8 bytes per viewer"))?;
+            *group_of(&mut windows, group.start, group.slot, &group.value) = agg;
         }
         Ok(windows)
     }
@@ -164,22 +138,16 @@ impl Store {
         windows: &mut PartitionWindows,
     ) {
         let cf = self.cf(CF_WINDOWS);
+        let mut value = Vec::new();
         for (&start, window) in windows.windows.iter_mut() {
             for (slot, groups) in window.groups.iter_mut().enumerate() {
                 for (group, agg) in groups.iter_mut().filter(|(_, a)| a.dirty) {
-                    let slot = slot as u8;
-                    let mut value = [0u8; 24];
-                    value[0..8].copy_from_slice(&agg.play_ms.to_le_bytes());
-                    value[8..16].copy_from_slice(&agg.rebuffer_ms.to_le_bytes());
-                    value[16..24].copy_from_slice(&agg.rebuffer_events.to_le_bytes());
-                    batch.put_cf(cf, keys::counters_key(partition, start, slot, group), value);
-                    for session in agg.fresh_viewers.drain(..) {
-                        batch.put_cf(
-                            cf,
-                            keys::viewer_key(partition, start, slot, group, session),
-                            [],
-                        );
-                    }
+                    encode_group(agg, &mut value);
+                    batch.put_cf(
+                        cf,
+                        keys::group_key(partition, start, slot as u8, group),
+                        &value,
+                    );
                     agg.dirty = false;
                 }
             }
@@ -235,6 +203,38 @@ impl Store {
             })
             .sum()
     }
+}
+
+/// A group's value: play, rebuffer and rebuffer-event counters, then the viewer hashes.
+/// One value per group keeps a checkpoint to one write per changed group, however many
+/// viewers joined since the last one.
+fn encode_group(agg: &GroupAgg, out: &mut Vec<u8>) {
+    out.clear();
+    out.reserve(24 + 8 * agg.viewers.len());
+    for counter in [agg.play_ms, agg.rebuffer_ms, agg.rebuffer_events] {
+        out.extend_from_slice(&counter.to_le_bytes());
+    }
+    for session in &agg.viewers {
+        out.extend_from_slice(&session.to_le_bytes());
+    }
+}
+
+fn decode_group(bytes: &[u8]) -> Option<GroupAgg> {
+    if bytes.len() < 24 || bytes.len() % 8 != 0 {
+        return None;
+    }
+    let mut words = bytes
+        .chunks_exact(8)
+        .map(|w| u64::from_le_bytes(w.try_into().expect("8-byte chunks")));
+    let mut next = || words.next().map(|w| w as i64);
+    let (play_ms, rebuffer_ms, rebuffer_events) = (next()?, next()?, next()?);
+    Some(GroupAgg {
+        play_ms,
+        rebuffer_ms,
+        rebuffer_events,
+        viewers: words.collect(),
+        dirty: false,
+    })
 }
 
 fn group_of<'w>(
@@ -321,7 +321,7 @@ mod tests {
             let restored = store.load_windows(7).unwrap();
             let strip = |w: &PartitionWindows| {
                 let mut w = w.clone();
-                for p in w.windows.values_mut() { for g in p.groups.iter_mut() { for a in g.values_mut() { a.dirty = false; a.fresh_viewers.clear(); } } }
+                for p in w.windows.values_mut() { for g in p.groups.iter_mut() { for a in g.values_mut() { a.dirty = false; } } }
                 w
             };
             prop_assert_eq!(strip(&restored), strip(&model));
