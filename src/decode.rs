@@ -38,6 +38,9 @@ pub fn frame(schema_id: u32, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Lookups of one schema id before a registry outage stops the instance (about 6 s).
+const REGISTRY_ATTEMPTS: u32 = 6;
+
 /// How records of one writer schema are read.
 enum Plan {
     /// Writer schema equals the reader schema: serde straight from the bytes.
@@ -116,8 +119,24 @@ impl Decoder {
         })
     }
 
+    /// Looks up a writer schema, riding out a short registry outage before giving up.
+    fn fetch(&self, id: u32) -> Result<String, RegistryError> {
+        let mut backoff = std::time::Duration::from_millis(200);
+        for _ in 0..REGISTRY_ATTEMPTS - 1 {
+            match self.registry.schema_by_id(id) {
+                Err(RegistryError::Unavailable { url, message }) => {
+                    tracing::warn!(id, %url, %message, ?backoff, "schema registry unavailable; retrying");
+                    std::thread::sleep(backoff);
+                    backoff *= 2;
+                }
+                other => return other,
+            }
+        }
+        self.registry.schema_by_id(id)
+    }
+
     fn plan(&self, id: u32) -> Result<Result<Plan, DecodeError>, RegistryError> {
-        let text = match self.registry.schema_by_id(id) {
+        let text = match self.fetch(id) {
             Ok(text) => text,
             Err(RegistryError::NotFound { message, .. }) => {
                 return Ok(Err(DecodeError::UnknownSchema { id, message }))
@@ -150,4 +169,65 @@ impl Decoder {
 
 fn leak(schema: Schema) -> &'static Schema {
     Box::leak(Box::new(schema))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::MemoryRegistry;
+    use crate::sink::AvroEncoder;
+
+    fn event() -> PlaybackEvent {
+        crate::gen::Generator::new(crate::gen::GenOptions::default())
+            .next()
+            .unwrap()
+            .event
+    }
+
+    #[test]
+    fn frames_are_length_checked() {
+        assert_eq!(split_frame(&[]), Err(DecodeError::Truncated { len: 0 }));
+        assert_eq!(
+            split_frame(&[0, 0, 0, 1]),
+            Err(DecodeError::Truncated { len: 4 })
+        );
+        assert_eq!(
+            split_frame(&[1, 0, 0, 0, 1]),
+            Err(DecodeError::BadMagic { found: 1 })
+        );
+        assert_eq!(split_frame(&frame(7, b"xy")), Ok((7, &b"xy"[..])));
+    }
+
+    #[test]
+    fn decodes_what_was_encoded_and_rejects_what_does_not_fit() {
+        let registry = Arc::new(MemoryRegistry::default());
+        let encoder =
+            AvroEncoder::register(registry.as_ref(), "e-value", PLAYBACK_EVENT_SCHEMA).unwrap();
+        let e = event();
+        let value = encoder.encode(&e).unwrap();
+        let mut decoder = Decoder::new(registry.clone());
+        assert_eq!(decoder.decode(Some(b"k"), Some(&value)).unwrap(), Ok(e));
+        assert_eq!(
+            decoder.decode(None, Some(&value)).unwrap(),
+            Err(DecodeError::MissingKey)
+        );
+        let mut trailing = value.clone();
+        trailing.push(0);
+        let err = decoder
+            .decode(Some(b"k"), Some(&trailing))
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.reason(), "bad_payload");
+        let other = registry
+            .register(
+                "x-value",
+                r#"{"type":"record","name":"X","fields":[{"name":"a","type":"int"}]}"#,
+            )
+            .unwrap();
+        let err = decoder
+            .decode(Some(b"k"), Some(&frame(other, &[2])))
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.reason(), "incompatible_schema");
+    }
 }
