@@ -6,13 +6,14 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Topology;
+use crate::config::{ResumeConfig, Topology};
 use crate::decode::Decoder;
 use crate::error::PipelineError;
 use crate::http::{self, Health};
 use crate::pipeline::{Pipeline, ResultHook};
 use crate::registry::{HttpRegistry, SchemaRegistry};
-use crate::sink::{ensure_topics, producer_config, OutputTopics, Sink};
+use crate::resume::{self, TableStage, TableView, RESUME_POSITION_SCHEMA};
+use crate::sink::{ensure_topics, producer_config, OutputTopics, Sink, QOS_WINDOW_SCHEMA};
 use crate::source::{consumer_config, Source};
 use crate::state::Store;
 
@@ -23,7 +24,7 @@ pub struct Endpoints {
     pub brokers: String,
     /// Schema registry base URL.
     pub registry: String,
-    /// Address of `/metrics`, `/healthz` and `/readyz`; `None` serves nothing.
+    /// Address of `/metrics`, `/healthz`, `/readyz` and table queries; `None` serves nothing.
     pub http: Option<SocketAddr>,
 }
 
@@ -36,28 +37,6 @@ pub fn run(
     on_result: Option<ResultHook>,
 ) -> Result<(), PipelineError> {
     let prometheus = crate::metrics::install();
-    let _http = match endpoints.http {
-        Some(addr) => Some(
-            http::start(addr, prometheus, Arc::clone(&health))
-                .map_err(|e| PipelineError::Other(format!("cannot serve HTTP on {addr}: {e}")))?,
-        ),
-        None => None,
-    };
-    let result = run_pipeline(topology, endpoints, shutdown, &health, on_result);
-    if let Err(e) = &result {
-        health.fail(e.to_string());
-    }
-    result
-}
-
-fn run_pipeline(
-    topology: &Topology,
-    endpoints: &Endpoints,
-    shutdown: &CancellationToken,
-    health: &Arc<Health>,
-    on_result: Option<ResultHook>,
-) -> Result<(), PipelineError> {
-    let registry: Arc<dyn SchemaRegistry> = Arc::new(HttpRegistry::new(&endpoints.registry)?);
     std::fs::create_dir_all(&topology.state.dir).map_err(|e| {
         PipelineError::Other(format!(
             "cannot create state directory {}: {e}",
@@ -69,6 +48,82 @@ fn run_pipeline(
         topology.state.block_cache_mib,
         topology.state.write_buffer_mib,
     )?);
+    let table = topology
+        .resume
+        .as_ref()
+        .map(|r| Arc::new(TableView::new(Arc::clone(&store), r.partitions)));
+    let _http = match endpoints.http {
+        Some(addr) => Some(
+            http::start(addr, prometheus, Arc::clone(&health), table.clone())
+                .map_err(|e| PipelineError::Other(format!("cannot serve HTTP on {addr}: {e}")))?,
+        ),
+        None => None,
+    };
+    let result = run_operators(
+        topology, endpoints, shutdown, &health, store, table, on_result,
+    );
+    if let Err(e) = &result {
+        health.fail(e.to_string());
+    }
+    result
+}
+
+/// Runs each declared operator on its own thread; the first failure stops them all.
+fn run_operators(
+    topology: &Topology,
+    endpoints: &Endpoints,
+    shutdown: &CancellationToken,
+    health: &Arc<Health>,
+    store: Arc<Store>,
+    table: Option<Arc<TableView>>,
+    on_result: Option<ResultHook>,
+) -> Result<(), PipelineError> {
+    let registry: Arc<dyn SchemaRegistry> = Arc::new(HttpRegistry::new(&endpoints.registry)?);
+    let stop = shutdown.child_token();
+    std::thread::scope(|scope| {
+        let mut tasks = Vec::new();
+        if let Some(qos) = topology.qos.clone() {
+            let (registry, store, stop) = (Arc::clone(&registry), Arc::clone(&store), stop.clone());
+            tasks.push(scope.spawn(move || {
+                let result = run_qos(
+                    topology, &qos, endpoints, registry, store, health, on_result, &stop,
+                );
+                stop.cancel();
+                result
+            }));
+        }
+        if let (Some(resume), Some(table)) = (topology.resume.clone(), table) {
+            let (registry, stop) = (Arc::clone(&registry), stop.clone());
+            tasks.push(scope.spawn(move || {
+                let result = run_resume(
+                    topology, &resume, endpoints, registry, table, health, &stop, scope,
+                );
+                stop.cancel();
+                result
+            }));
+        }
+        tasks
+            .into_iter()
+            .map(|t| {
+                t.join().unwrap_or_else(|_| {
+                    Err(PipelineError::Other("an operator thread panicked".into()))
+                })
+            })
+            .fold(Ok(()), Result::and)
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_qos(
+    topology: &Topology,
+    qos: &crate::config::QosConfig,
+    endpoints: &Endpoints,
+    registry: Arc<dyn SchemaRegistry>,
+    store: Arc<Store>,
+    health: &Arc<Health>,
+    on_result: Option<ResultHook>,
+    stop: &CancellationToken,
+) -> Result<(), PipelineError> {
     let producer = producer_config(&endpoints.brokers, &topology.sink.kafka);
     let topics = OutputTopics {
         results: topology.sink.topic.clone(),
@@ -80,7 +135,13 @@ fn run_pipeline(
         &[&topics.results, &topics.late, &topics.dead_letter],
         1,
     );
-    let sink = Sink::new(&producer, topics, &topology.source.topic, registry.as_ref())?;
+    let sink = Sink::new(
+        &producer,
+        topics,
+        &topology.source.topic,
+        registry.as_ref(),
+        QOS_WINDOW_SCHEMA,
+    )?;
     let consumer = consumer_config(
         &endpoints.brokers,
         &topology.group_id(),
@@ -92,10 +153,11 @@ fn run_pipeline(
         topic = %topology.source.topic,
         group = %topology.group_id(),
         state = %topology.state.dir.display(),
-        "pipeline starting"
+        "QoS pipeline starting"
     );
     let mut pipeline = Pipeline::new(
         topology,
+        qos,
         source,
         Decoder::new(registry),
         sink,
@@ -105,5 +167,95 @@ fn run_pipeline(
     if let Some(hook) = on_result {
         pipeline = pipeline.on_result(hook);
     }
-    pipeline.run(shutdown)
+    pipeline.run(stop)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_resume<'scope>(
+    topology: &'scope Topology,
+    resume: &ResumeConfig,
+    endpoints: &'scope Endpoints,
+    registry: Arc<dyn SchemaRegistry>,
+    table: Arc<TableView>,
+    health: &Arc<Health>,
+    stop: &CancellationToken,
+    scope: &'scope std::thread::Scope<'scope, '_>,
+) -> Result<(), PipelineError> {
+    let producer = producer_config(&endpoints.brokers, &topology.sink.kafka);
+    let repartition_topic = resume.repartition_topic(&topology.name);
+    let table_input = if resume.input_keyed_by_profile {
+        topology.source.topic.clone()
+    } else {
+        repartition_topic.clone()
+    };
+    ensure_topics(
+        &producer,
+        &[&resume.topic, &repartition_topic],
+        resume.partitions,
+    );
+    ensure_topics(&producer, &[&topology.sink.dead_letter_topic], 1);
+    resume::restore(&table.store, &endpoints.brokers, resume, registry.as_ref())?;
+
+    let dead_letters = |source_topic: &str| {
+        let topics = OutputTopics {
+            results: resume.topic.clone(),
+            late: topology.sink.late_topic.clone(),
+            dead_letter: topology.sink.dead_letter_topic.clone(),
+        };
+        Sink::new(
+            &producer,
+            topics,
+            source_topic,
+            registry.as_ref(),
+            RESUME_POSITION_SCHEMA,
+        )
+    };
+    let repartitioner = if resume.input_keyed_by_profile {
+        None
+    } else {
+        let sink = dead_letters(&topology.source.topic)?;
+        let target = producer
+            .create_with_context(crate::sink::DeliveryTracker::default())
+            .map_err(PipelineError::kafka("creating the repartition producer"))?;
+        let decoder = Decoder::new(Arc::clone(&registry));
+        let (resume, stop) = (resume.clone(), stop.clone());
+        Some(scope.spawn(move || {
+            let result = resume::repartition(
+                topology,
+                &resume,
+                &endpoints.brokers,
+                decoder,
+                sink,
+                target,
+                &stop,
+            );
+            stop.cancel();
+            result
+        }))
+    };
+    let consumer = consumer_config(
+        &endpoints.brokers,
+        &format!("{}-resume", topology.group_id()),
+        &topology.source.kafka,
+    );
+    let source = Source::subscribe(&consumer, &table_input)?;
+    tracing::info!(topology = %topology.name, input = %table_input, output = %resume.topic, "resume table starting");
+    let stage = TableStage::new(
+        topology,
+        resume,
+        Decoder::new(Arc::clone(&registry)),
+        dead_letters(&table_input)?,
+        table,
+        Arc::clone(health),
+    );
+    let result = stage.run(&source, stop);
+    stop.cancel();
+    let repartitioned = repartitioner.map_or(Ok(()), |t| {
+        t.join().unwrap_or_else(|_| {
+            Err(PipelineError::Other(
+                "the repartition thread panicked".into(),
+            ))
+        })
+    });
+    result.and(repartitioned)
 }

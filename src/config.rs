@@ -20,8 +20,10 @@ pub struct Topology {
     /// Event-time rules: watermarks, idleness, clock skew.
     #[serde(default)]
     pub time: TimeConfig,
-    /// The tumbling QoS windows.
-    pub qos: QosConfig,
+    /// The tumbling QoS windows (optional: a topology may run only the resume table).
+    pub qos: Option<QosConfig>,
+    /// The resume-position table (optional).
+    pub resume: Option<ResumeConfig>,
     /// Output topics and producer settings.
     #[serde(default)]
     pub sink: SinkConfig,
@@ -115,6 +117,43 @@ pub struct QosConfig {
     pub gauge_dimensions: Vec<Dimension>,
 }
 
+/// `[resume]`: per (profile, title), the playhead of the newest event by event time.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeConfig {
+    /// Compacted topic of `ResumePosition` records keyed `<profile_id>/<title_id>`.
+    #[serde(default = "default_resume_topic")]
+    pub topic: String,
+    /// Internal topic carrying the input re-keyed by profile_id (one owner per table entry).
+    /// Default `<name>-resume-by-profile`.
+    pub repartition_topic: Option<String>,
+    /// Set when the input is already keyed by profile_id: the repartition step is skipped.
+    #[serde(default)]
+    pub input_keyed_by_profile: bool,
+    /// Partitions of the repartition and resume topics when Marquee creates them; the table's
+    /// partitions are theirs.
+    #[serde(default = "default_table_partitions")]
+    pub partitions: i32,
+    /// A title is completed once position / duration reaches this.
+    #[serde(default = "default_completion")]
+    pub completion_threshold: f64,
+    /// At most one output record per key per interval; the latest value wins.
+    #[serde(default = "d30s", deserialize_with = "duration")]
+    pub emit_interval: Duration,
+    /// Entries without an update for this long (in event time) are deleted with a tombstone.
+    #[serde(default = "d90d", deserialize_with = "duration")]
+    pub retention: Duration,
+}
+
+impl ResumeConfig {
+    /// The repartition topic for a topology named `name`.
+    pub fn repartition_topic(&self, name: &str) -> String {
+        self.repartition_topic
+            .clone()
+            .unwrap_or_else(|| format!("{name}-resume-by-profile"))
+    }
+}
+
 /// `[sink]`: where results, late records and undecodable records go.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -161,6 +200,40 @@ pub struct StateConfig {
     pub write_buffer_mib: usize,
 }
 
+impl QosConfig {
+    fn validate(&self, check: &mut impl FnMut(bool, String)) {
+        let window = self.window.as_millis();
+        check(
+            window >= 1,
+            format!("`qos.window` is {window}ms: expected at least 1ms"),
+        );
+        check(
+            window == 0 || 86_400_000 % window == 0,
+            format!("`qos.window` is {window}ms: expected a size that divides a day evenly (e.g. 10s, 1m, 5m, 1h)"),
+        );
+        for dim in &self.gauge_dimensions {
+            check(
+                *dim != Dimension::TitleId,
+                "`qos.gauge_dimensions` contains `title_id`: expected low-cardinality dimensions only (cdn, country, device_type)".into(),
+            );
+            check(
+                self.dimensions.contains(dim),
+                format!(
+                    "`qos.gauge_dimensions` contains `{}`, which is not in `qos.dimensions`",
+                    dim.name()
+                ),
+            );
+        }
+        let mut seen = self.dimensions.clone();
+        seen.sort();
+        seen.dedup();
+        check(
+            seen.len() == self.dimensions.len(),
+            "`qos.dimensions` lists a dimension twice".into(),
+        );
+    }
+}
+
 impl Topology {
     /// Reads, parses and validates a topology file.
     pub fn load(path: &Path) -> Result<Topology, ConfigError> {
@@ -204,15 +277,44 @@ impl Topology {
             !self.source.topic.is_empty(),
             "`source.topic` must not be empty".into(),
         );
-        let window = self.qos.window.as_millis();
         check(
-            window >= 1,
-            format!("`qos.window` is {window}ms: expected at least 1ms"),
+            self.qos.is_some() || self.resume.is_some(),
+            "the topology has neither `[qos]` nor `[resume]`: expected at least one operator"
+                .into(),
         );
-        check(
-            window == 0 || 86_400_000 % window == 0,
-            format!("`qos.window` is {window}ms: expected a size that divides a day evenly (e.g. 10s, 1m, 5m, 1h)"),
-        );
+        if let Some(qos) = &self.qos {
+            qos.validate(&mut check);
+        }
+        if let Some(resume) = &self.resume {
+            let t = resume.completion_threshold;
+            check(
+                t > 0.0 && t <= 1.0,
+                format!(
+                    "`resume.completion_threshold` is {t}: expected a share in (0, 1], e.g. 0.95"
+                ),
+            );
+            check(
+                resume.partitions >= 1,
+                format!(
+                    "`resume.partitions` is {}: expected at least 1",
+                    resume.partitions
+                ),
+            );
+            check(
+                !resume.retention.is_zero(),
+                "`resume.retention` must be greater than 0".into(),
+            );
+            let repartition = resume.repartition_topic(&self.name);
+            for (key, topic) in [
+                ("resume.topic", &resume.topic),
+                ("resume.repartition_topic", &repartition),
+            ] {
+                check(
+                    *topic != self.source.topic,
+                    format!("`{key}` is `{topic}`, the input topic: expected a different topic"),
+                );
+            }
+        }
         check(
             !self.time.idle_timeout.is_zero(),
             "`time.idle_timeout` must be greater than 0".into(),
@@ -224,26 +326,6 @@ impl Topology {
         check(
             !self.state.checkpoint_interval.is_zero(),
             "`state.checkpoint_interval` must be greater than 0".into(),
-        );
-        for dim in &self.qos.gauge_dimensions {
-            check(
-                *dim != Dimension::TitleId,
-                "`qos.gauge_dimensions` contains `title_id`: expected low-cardinality dimensions only (cdn, country, device_type)".into(),
-            );
-            check(
-                self.qos.dimensions.contains(dim),
-                format!(
-                    "`qos.gauge_dimensions` contains `{}`, which is not in `qos.dimensions`",
-                    dim.name()
-                ),
-            );
-        }
-        let mut seen = self.qos.dimensions.clone();
-        seen.sort();
-        seen.dedup();
-        check(
-            seen.len() == self.qos.dimensions.len(),
-            "`qos.dimensions` lists a dimension twice".into(),
         );
         let topics = [
             ("sink.topic", &self.sink.topic),
@@ -301,6 +383,18 @@ fn default_dead_letter_topic() -> String {
 }
 fn default_dimensions() -> Vec<Dimension> {
     vec![Dimension::Cdn, Dimension::Country, Dimension::DeviceType]
+}
+fn default_resume_topic() -> String {
+    "resume-positions".into()
+}
+fn default_table_partitions() -> i32 {
+    4
+}
+fn default_completion() -> f64 {
+    0.95
+}
+fn d90d() -> Duration {
+    Duration::from_secs(90 * 86_400)
 }
 fn default_cache_mib() -> usize {
     128

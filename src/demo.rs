@@ -30,6 +30,10 @@ pub fn run(
     let state = std::env::temp_dir().join(format!("marquee-demo-{}", std::process::id()));
     let mut topology = Topology::parse(DEMO_TOPOLOGY, Path::new("topologies/demo.toml"))?;
     topology.state.dir = state.clone();
+    let qos = topology
+        .qos
+        .clone()
+        .ok_or_else(|| PipelineError::Other("the demo topology has no [qos]".into()))?;
     let kafka =
         MockCluster::new(1).map_err(PipelineError::kafka("starting the in-process Kafka"))?;
     kafka
@@ -51,8 +55,8 @@ pub fn run(
     }
     println!(
         "windows of {:?} close {:?} after their end; Ctrl-C stops\n",
-        topology.qos.window,
-        topology.qos.grace + topology.time.out_of_orderness
+        qos.window,
+        qos.grace + topology.time.out_of_orderness
     );
 
     let generator = {

@@ -4,12 +4,20 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use axum::extract::State;
+use std::collections::HashMap;
+use std::time::Instant;
+
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::Json;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+
+use crate::record::ResumePosition;
+use crate::resume::TableView;
 
 /// Liveness and readiness of one instance, shared by the pipeline and the HTTP server.
 #[derive(Debug, Default)]
@@ -56,17 +64,33 @@ struct AppState {
     health: Arc<Health>,
 }
 
-/// Binds `addr` (port 0 picks a free port) and serves `/metrics`, `/healthz` and `/readyz`.
+/// Binds `addr` (port 0 picks a free port) and serves `/metrics`, `/healthz`, `/readyz` and,
+/// with a `table`, the resume-position queries.
 pub fn start(
     addr: SocketAddr,
     prometheus: PrometheusHandle,
     health: Arc<Health>,
+    table: Option<Arc<TableView>>,
 ) -> std::io::Result<BackgroundServer> {
-    let app = Router::new()
+    let mut app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(AppState { prometheus, health });
+    if let Some(table) = table {
+        app = app.merge(
+            Router::new()
+                .route(
+                    "/profiles/{profile_id}/continue-watching",
+                    get(continue_watching),
+                )
+                .route(
+                    "/profiles/{profile_id}/titles/{title_id}",
+                    get(title_position),
+                )
+                .with_state(table),
+        );
+    }
     let server = BackgroundServer::spawn(std::net::TcpListener::bind(addr)?, app)?;
     tracing::info!(addr = %server.addr(), "serving /metrics, /healthz and /readyz");
     Ok(server)
@@ -155,4 +179,98 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             "not ready: restoring state or not consuming\n",
         )
     }
+}
+
+/// Longest continue-watching row a query may ask for.
+const MAX_LIMIT: usize = 1_000;
+/// Row length when the query names none.
+const DEFAULT_LIMIT: usize = 20;
+
+fn error(status: StatusCode, message: String) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+/// 421 with the partition, so a router in front of several instances can forward the query.
+fn not_owned(table: &TableView, profile: &str) -> Option<Response> {
+    let partition = table.partition_of(profile);
+    (!table.owns(partition)).then(|| {
+        let body = json!({
+            "error": format!("profile {profile} is in table partition {partition}, which this instance does not own"),
+            "partition": partition,
+            "partitions": table.partitions,
+        });
+        (StatusCode::MISDIRECTED_REQUEST, Json(body)).into_response()
+    })
+}
+
+async fn continue_watching(
+    State(table): State<Arc<TableView>>,
+    Path(profile): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let started = Instant::now();
+    let limit = match params.get("limit").map(|l| l.parse::<usize>()) {
+        None => DEFAULT_LIMIT,
+        Some(Ok(n)) if (1..=MAX_LIMIT).contains(&n) => n,
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("limit must be a whole number from 1 to {MAX_LIMIT}"),
+            )
+        }
+    };
+    if let Some(unknown) = params.keys().find(|k| k.as_str() != "limit") {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("unknown query parameter {unknown:?}: expected only limit"),
+        );
+    }
+    if let Some(response) = not_owned(&table, &profile) {
+        return response;
+    }
+    let response = match table
+        .store
+        .table_profile(table.partition_of(&profile), &profile)
+    {
+        Ok(entries) => {
+            let mut row: Vec<ResumePosition> = entries
+                .into_iter()
+                .map(|s| s.entry.position)
+                .filter(|p| !p.completed)
+                .collect();
+            row.sort_by(|a, b| {
+                b.updated_at
+                    .cmp(&a.updated_at)
+                    .then_with(|| a.title_id.cmp(&b.title_id))
+            });
+            row.truncate(limit);
+            Json(row).into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    crate::metrics::query("continue_watching", started.elapsed());
+    response
+}
+
+async fn title_position(
+    State(table): State<Arc<TableView>>,
+    Path((profile, title)): Path<(String, String)>,
+) -> Response {
+    let started = Instant::now();
+    if let Some(response) = not_owned(&table, &profile) {
+        return response;
+    }
+    let response = match table
+        .store
+        .table_get(table.partition_of(&profile), &profile, &title)
+    {
+        Ok(Some(stored)) => Json(stored.entry.position).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("no position for profile {profile} and title {title}"),
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    crate::metrics::query("title", started.elapsed());
+    response
 }

@@ -19,6 +19,8 @@
 //! - [`decode`]: Confluent framing and Avro decoding with schema resolution.
 //! - [`watermark`]: per-partition watermarks, idleness, the operator watermark.
 //! - [`window`]: tumbling windows and the QoS aggregates.
+//! - [`resume`]: repartition by profile, the table stage, restore, what HTTP reads.
+//! - [`table`]: the resume-position table (newest event by event time per profile and title).
 //! - [`state`]: RocksDB stores, key codec, offsets in the same write batch.
 //! - [`pipeline`]: the per-record flow and the checkpoint order.
 //! - [`sink`]: the producer, Avro encoding, late and dead-letter copies.
@@ -41,8 +43,10 @@ pub mod metrics;
 pub mod pipeline;
 pub mod record;
 pub mod registry;
+pub mod resume;
 pub mod sink;
 pub mod source;
 pub mod state;
+pub mod table;
 pub mod watermark;
 pub mod window;

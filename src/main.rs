@@ -147,13 +147,22 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Validate { topology: path } => {
             let topology = Topology::load(&path)?;
+            let mut operators = Vec::new();
+            if let Some(qos) = &topology.qos {
+                operators.push(format!(
+                    "QoS windows of {:?} with {:?} grace",
+                    qos.window, qos.grace
+                ));
+            }
+            if let Some(resume) = &topology.resume {
+                operators.push(format!("resume table into {}", resume.topic));
+            }
             println!(
-                "{}: ok (topology {:?}, input {}, windows of {:?} with {:?} grace, state in {})",
+                "{}: ok (topology {:?}, input {}, {}, state in {})",
                 path.display(),
                 topology.name,
                 topology.source.topic,
-                topology.qos.window,
-                topology.qos.grace,
+                operators.join(" and "),
                 topology.state.dir.display()
             );
         }

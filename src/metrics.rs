@@ -147,3 +147,30 @@ pub fn last_window(dimension: &str, value: &str, viewers: i64, rebuffer_ratio: O
     gauge!("marquee_qos_concurrent_viewers", &labels).set(viewers as f64);
     gauge!("marquee_qos_rebuffer_ratio", &labels).set(rebuffer_ratio.unwrap_or(0.0));
 }
+
+/// One event applied to the resume table (`applied`), or ignored as older than the entry.
+pub fn table_update(applied: bool) {
+    let outcome = if applied { "applied" } else { "out_of_date" };
+    counter!("marquee_table_updates_total", "outcome" => outcome).increment(1);
+}
+
+/// A pending output record was replaced by a newer value before the rate limit let it out.
+pub fn emit_suppressed() {
+    counter!("marquee_table_emits_suppressed_total").increment(1);
+}
+
+/// Approximate number of entries in the resume table.
+pub fn table_size(entries: u64) {
+    gauge!("marquee_table_entries").set(entries as f64);
+}
+
+/// A table rebuilt from its compacted topic.
+pub fn table_restored(records: u64, took: Duration) {
+    counter!("marquee_table_restored_records_total").increment(records);
+    gauge!("marquee_table_restore_duration_seconds").set(took.as_secs_f64());
+}
+
+/// One table query answered.
+pub fn query(route: &'static str, took: Duration) {
+    histogram!("marquee_query_duration_seconds", "route" => route).record(took.as_secs_f64());
+}

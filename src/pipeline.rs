@@ -21,7 +21,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rocksdb::WriteBatch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Dimension, Topology};
+use crate::config::{Dimension, QosConfig, Topology};
 use crate::decode::Decoder;
 use crate::error::{DecodeError, PipelineError};
 use crate::http::Health;
@@ -32,6 +32,9 @@ use crate::source::{Assignment, Source};
 use crate::state::{PartitionMeta, Store};
 use crate::watermark::Watermarks;
 use crate::window::{slot, PartitionWindows, WindowPartial, WindowSpec};
+
+/// Name of this stage's offsets and watermarks in the meta column family.
+const STAGE: &str = "qos";
 
 /// Records between watermark ticks while data flows.
 const TICK_RECORDS: u32 = 4096;
@@ -88,6 +91,7 @@ impl Pipeline {
     /// Wires the stages of `topology` together; nothing is consumed until [`Pipeline::run`].
     pub fn new(
         topology: &Topology,
+        qos: &QosConfig,
         source: Source,
         decoder: Decoder,
         sink: Sink,
@@ -98,14 +102,9 @@ impl Pipeline {
         let time = &topology.time;
         Ok(Self {
             core: Core {
-                spec: WindowSpec::new(topology.qos.window, topology.qos.grace),
-                dimensions: topology.qos.dimensions.clone(),
-                gauge_slots: topology
-                    .qos
-                    .gauge_dimensions
-                    .iter()
-                    .map(|d| slot(*d))
-                    .collect(),
+                spec: WindowSpec::new(qos.window, qos.grace),
+                dimensions: qos.dimensions.clone(),
+                gauge_slots: qos.gauge_dimensions.iter().map(|d| slot(*d)).collect(),
                 max_future_skew: time.max_future_skew.as_millis() as i64,
                 decoder,
                 sink,
@@ -221,7 +220,10 @@ fn reassign(
             // Partitions owned by no one here still hold windows open (see `watermark`).
             let total = source.partition_count()?;
             for p in 0..total {
-                let max = core.store.partition_meta(p)?.and_then(|m| m.max_event_time);
+                let max = core
+                    .store
+                    .partition_meta(STAGE, p)?
+                    .and_then(|m| m.max_event_time);
                 core.marks.track(p, max, core.now);
             }
             if (core.parts.len() as i32) < total {
@@ -252,7 +254,7 @@ impl Core {
         if self.parts.contains_key(&p) {
             return Ok(());
         }
-        let meta = self.store.partition_meta(p)?;
+        let meta = self.store.partition_meta(STAGE, p)?;
         let windows = self.store.load_windows(p)?;
         tracing::info!(
             partition = p,
@@ -347,7 +349,7 @@ impl Core {
         let last = closed.keys().next_back().copied();
         for (start, partial) in &closed {
             for result in partial.results(&self.spec, *start) {
-                self.sink.send_result(&result)?;
+                self.sink.send_result(&result.key(), &result, None, &[])?;
                 emitted += 1;
                 if Some(*start) == last && self.gauge_slot(&result.dimension) {
                     metrics::last_window(
@@ -392,7 +394,7 @@ impl Core {
                     next_offset,
                     max_event_time: self.marks.max_event_time(p),
                 };
-                self.store.stage_meta(&mut batch, p, meta);
+                self.store.stage_meta(&mut batch, STAGE, p, meta);
                 offsets.push((p, next_offset));
             }
         }

@@ -79,3 +79,24 @@ pub fn rebuffer_ratio(play_ms: i64, rebuffer_ms: i64) -> Option<f64> {
     let total = play_ms + rebuffer_ms;
     (total > 0).then(|| rebuffer_ms as f64 / total as f64)
 }
+
+/// Where a profile stopped in a title, the output contract (`avro/resume_position.avsc`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResumePosition {
+    pub profile_id: String,
+    pub title_id: String,
+    pub position_ms: i64,
+    pub duration_ms: Option<i64>,
+    pub progress: Option<f64>,
+    pub completed: bool,
+    /// event_time of the newest event, epoch millis.
+    pub updated_at: i64,
+    pub device_type: String,
+}
+
+impl ResumePosition {
+    /// The output and table key `<profile_id>/<title_id>`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.profile_id, self.title_id)
+    }
+}

@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use crate::decode::frame;
 use crate::error::{DecodeError, PipelineError, RegistryError};
-use crate::record::{Origin, QosWindow};
+use crate::record::Origin;
 use crate::registry::SchemaRegistry;
 
 /// The schema of QoS window results.
@@ -125,17 +125,18 @@ pub struct Sink {
 }
 
 impl Sink {
-    /// Connects a producer and registers the result schema as `<results topic>-value`.
+    /// Connects a producer and registers `results_schema` as `<results topic>-value`.
     pub fn new(
         config: &ClientConfig,
         topics: OutputTopics,
         source_topic: &str,
         registry: &dyn SchemaRegistry,
+        results_schema: &str,
     ) -> Result<Self, PipelineError> {
         let results = AvroEncoder::register(
             registry,
             &format!("{}-value", topics.results),
-            QOS_WINDOW_SCHEMA,
+            results_schema,
         )?;
         let producer: ThreadedProducer<DeliveryTracker> = config
             .create_with_context(DeliveryTracker::default())
@@ -148,15 +149,37 @@ impl Sink {
         })
     }
 
-    /// Sends one final window result, keyed `<dimension>/<value>/<window_start>`.
-    pub fn send_result(&self, window: &QosWindow) -> Result<(), PipelineError> {
-        let value = self.results.encode(window)?;
-        let key = window.key();
-        self.send(
-            BaseRecord::to(&self.topics.results)
-                .key(key.as_bytes())
-                .payload(&value),
-        )
+    /// Sends one result record to the results topic (to `partition`, or by key).
+    pub fn send_result<T: Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        partition: Option<i32>,
+        headers: &[(&str, &str)],
+    ) -> Result<(), PipelineError> {
+        let value = self.results.encode(value)?;
+        let mut record = BaseRecord::to(&self.topics.results)
+            .key(key.as_bytes())
+            .payload(&value);
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        if !headers.is_empty() {
+            let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+            for (k, v) in headers {
+                owned = owned.insert(header(k, v));
+            }
+            record = record.headers(owned);
+        }
+        self.send(record)
+    }
+
+    /// Sends a tombstone (null value) for `key`: compaction deletes the entry.
+    pub fn send_tombstone(&self, key: &str, partition: i32) -> Result<(), PipelineError> {
+        let record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&self.topics.results)
+            .key(key.as_bytes())
+            .partition(partition);
+        self.send(record)
     }
 
     /// Sends a late record unchanged to the late topic.

@@ -224,7 +224,10 @@ fn sigkill_and_restart_ends_with_the_same_records() {
     )
     .unwrap();
     let reloaded = Topology::load(&file).expect("rewritten topology is valid");
-    assert_eq!(reloaded.qos.window, Duration::from_secs(10));
+    assert_eq!(
+        reloaded.qos.as_ref().unwrap().window,
+        Duration::from_secs(10)
+    );
     assert_eq!(reloaded.state.dir, state);
 
     let events = dataset(11, 30_000);

@@ -32,8 +32,8 @@ fn a_minimal_topology_takes_the_documented_defaults() {
     let t = Topology::parse(MINIMAL, Path::new("t.toml")).unwrap();
     assert_eq!(t.source.topic, "playback-events");
     assert_eq!(t.group_id(), "marquee-t");
-    assert_eq!(t.qos.window.as_secs(), 60);
-    assert_eq!(t.qos.grace.as_secs(), 30);
+    assert_eq!(t.qos.as_ref().unwrap().window.as_secs(), 60);
+    assert_eq!(t.qos.as_ref().unwrap().grace.as_secs(), 30);
     assert_eq!(t.sink.topic, "qos-windows");
     assert_eq!(t.sink.late_topic, "qos-late");
     assert_eq!(t.sink.dead_letter_topic, "qos-dead-letter");

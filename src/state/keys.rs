@@ -33,6 +33,22 @@ pub fn group_key(partition: i32, start: i64, slot: u8, value: &str) -> Vec<u8> {
     key
 }
 
+/// Key of a resume-table entry: profile and title separated by a NUL (never in an id), so
+/// one profile's titles are one prefix.
+pub fn table_key(partition: i32, profile: &str, title: &str) -> Vec<u8> {
+    let mut key = table_profile_prefix(partition, profile);
+    key.extend_from_slice(title.as_bytes());
+    key
+}
+
+/// Prefix of every table entry of `profile`.
+pub fn table_profile_prefix(partition: i32, profile: &str) -> Vec<u8> {
+    let mut key = partition_prefix(partition).to_vec();
+    key.extend_from_slice(profile.as_bytes());
+    key.push(0);
+    key
+}
+
 /// A decoded window-store key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupKey {

@@ -16,14 +16,29 @@ use rocksdb::{
 };
 
 use crate::error::StateError;
+use crate::table::Entry;
 use crate::window::{GroupAgg, PartitionWindows};
 
 /// Column family of the QoS window store.
 pub const CF_WINDOWS: &str = "qos_windows";
+/// Column family of the resume-position table.
+pub const CF_RESUME: &str = "resume_table";
 /// Reserved column family of offsets, watermarks and the emitted-window frontier.
 pub const CF_META: &str = "__marquee_meta";
 
+/// Every column family, opened together.
+const COLUMN_FAMILIES: [&str; 3] = [CF_WINDOWS, CF_RESUME, CF_META];
+
 const META_CLOSED_THROUGH: &[u8] = b"closed_through";
+const META_TABLE_RESTORED: &[u8] = b"resume/restored";
+
+/// A resume-table entry as stored: the entry and whether its output record is still owed.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StoredEntry {
+    pub entry: Entry,
+    /// Updated but not yet written to the output topic (rate limit); re-queued after a restart.
+    pub pending: bool,
+}
 
 /// What a checkpoint recorded about one input partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,8 +76,7 @@ impl Store {
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
         db_opts.set_write_buffer_manager(&buffers);
-        let cfs =
-            [CF_WINDOWS, CF_META].map(|name| ColumnFamilyDescriptor::new(name, cf_opts.clone()));
+        let cfs = COLUMN_FAMILIES.map(|name| ColumnFamilyDescriptor::new(name, cf_opts.clone()));
         let db =
             DB::open_cf_descriptors(&db_opts, dir, cfs).map_err(|source| StateError::Open {
                 dir: dir.to_path_buf(),
@@ -77,9 +91,13 @@ impl Store {
             .expect("column families are created at open")
     }
 
-    /// The checkpoint of `partition`, if one was ever written.
-    pub fn partition_meta(&self, partition: i32) -> Result<Option<PartitionMeta>, StateError> {
-        let key = keys::partition_prefix(partition);
+    /// The checkpoint of `partition` of `stage`'s input, if one was ever written.
+    pub fn partition_meta(
+        &self,
+        stage: &str,
+        partition: i32,
+    ) -> Result<Option<PartitionMeta>, StateError> {
+        let key = meta_key(stage, partition);
         let Some(bytes) = self.db.get_cf(self.cf(CF_META), key)? else {
             return Ok(None);
         };
@@ -162,12 +180,18 @@ impl Store {
     }
 
     /// Stages the offset and watermark of `partition`.
-    pub fn stage_meta(&self, batch: &mut WriteBatch, partition: i32, meta: PartitionMeta) {
+    pub fn stage_meta(
+        &self,
+        batch: &mut WriteBatch,
+        stage: &str,
+        partition: i32,
+        meta: PartitionMeta,
+    ) {
         let mut value = [0u8; 17];
         value[0..8].copy_from_slice(&meta.next_offset.to_le_bytes());
         value[8] = u8::from(meta.max_event_time.is_some());
         value[9..17].copy_from_slice(&meta.max_event_time.unwrap_or(0).to_le_bytes());
-        batch.put_cf(self.cf(CF_META), keys::partition_prefix(partition), value);
+        batch.put_cf(self.cf(CF_META), meta_key(stage, partition), value);
     }
 
     /// Stages the emitted-window frontier.
@@ -184,9 +208,97 @@ impl Store {
         Ok(self.db.write(batch)?)
     }
 
+    /// The table entry `profile`/`title` of `partition`.
+    pub fn table_get(
+        &self,
+        partition: i32,
+        profile: &str,
+        title: &str,
+    ) -> Result<Option<StoredEntry>, StateError> {
+        let key = keys::table_key(partition, profile, title);
+        self.db
+            .get_cf(self.cf(CF_RESUME), &key)?
+            .map(|bytes| decode_entry(&key, &bytes))
+            .transpose()
+    }
+
+    /// Every entry of `profile` in `partition` (one prefix scan).
+    pub fn table_profile(
+        &self,
+        partition: i32,
+        profile: &str,
+    ) -> Result<Vec<StoredEntry>, StateError> {
+        self.table_scan(&keys::table_profile_prefix(partition, profile))
+    }
+
+    /// Every entry of `partition`.
+    pub fn table_partition(&self, partition: i32) -> Result<Vec<StoredEntry>, StateError> {
+        self.table_scan(&keys::partition_prefix(partition))
+    }
+
+    fn table_scan(&self, prefix: &[u8]) -> Result<Vec<StoredEntry>, StateError> {
+        let mut out = Vec::new();
+        let mode = IteratorMode::From(prefix, Direction::Forward);
+        for item in self.db.iterator_cf(self.cf(CF_RESUME), mode) {
+            let (key, value) = item?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            out.push(decode_entry(&key, &value)?);
+        }
+        Ok(out)
+    }
+
+    /// Stages a table entry.
+    pub fn stage_table_put(&self, batch: &mut WriteBatch, partition: i32, stored: &StoredEntry) {
+        let p = &stored.entry.position;
+        let value = serde_json::to_vec(stored).expect("entries serialize");
+        batch.put_cf(
+            self.cf(CF_RESUME),
+            keys::table_key(partition, &p.profile_id, &p.title_id),
+            value,
+        );
+    }
+
+    /// Stages the deletion of a table entry.
+    pub fn stage_table_delete(
+        &self,
+        batch: &mut WriteBatch,
+        partition: i32,
+        profile: &str,
+        title: &str,
+    ) {
+        batch.delete_cf(
+            self.cf(CF_RESUME),
+            keys::table_key(partition, profile, title),
+        );
+    }
+
+    /// Whether the table was rebuilt from its topic (or started fresh) in this directory.
+    pub fn table_restored(&self) -> Result<bool, StateError> {
+        Ok(self
+            .db
+            .get_cf(self.cf(CF_META), META_TABLE_RESTORED)?
+            .is_some())
+    }
+
+    /// Records that the table is complete in this directory.
+    pub fn stage_table_restored(&self, batch: &mut WriteBatch) {
+        batch.put_cf(self.cf(CF_META), META_TABLE_RESTORED, [1]);
+    }
+
+    /// Approximate number of table entries.
+    pub fn table_len(&self) -> u64 {
+        self.db
+            .property_int_value_cf(self.cf(CF_RESUME), "rocksdb.estimate-num-keys")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+
     /// Approximate bytes held: SST files plus memtables, all column families.
     pub fn size_bytes(&self) -> u64 {
-        [CF_WINDOWS, CF_META]
+        COLUMN_FAMILIES
             .iter()
             .flat_map(|cf| {
                 [
@@ -203,6 +315,13 @@ impl Store {
             })
             .sum()
     }
+}
+
+/// Meta key of a stage's input partition: each stage reads its own topic.
+fn meta_key(stage: &str, partition: i32) -> Vec<u8> {
+    let mut key = format!("{stage}/").into_bytes();
+    key.extend_from_slice(&keys::partition_prefix(partition));
+    key
 }
 
 /// A group's value: play, rebuffer and rebuffer-event counters, then the viewer hashes.
@@ -234,6 +353,13 @@ fn decode_group(bytes: &[u8]) -> Option<GroupAgg> {
         rebuffer_events,
         viewers: words.collect(),
         dirty: false,
+    })
+}
+
+fn decode_entry(key: &[u8], bytes: &[u8]) -> Result<StoredEntry, StateError> {
+    serde_json::from_slice(bytes).map_err(|e| StateError::Corrupt {
+        key: format!("{CF_RESUME}/{}", String::from_utf8_lossy(key)),
+        message: e.to_string(),
     })
 }
 
@@ -311,7 +437,7 @@ mod tests {
                     let mut batch = WriteBatch::default();
                     store.stage_windows(&mut batch, 7, &mut model);
                     store.stage_windows(&mut batch, 8, &mut other);
-                    store.stage_meta(&mut batch, 7, PartitionMeta { next_offset: i as i64, max_event_time: Some(t) });
+                    store.stage_meta(&mut batch, "qos", 7, PartitionMeta { next_offset: i as i64, max_event_time: Some(t) });
                     store.commit(batch).unwrap();
                 }
             }
@@ -332,18 +458,19 @@ mod tests {
     fn meta_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 8, 8).unwrap();
-        assert_eq!(store.partition_meta(3).unwrap(), None);
+        assert_eq!(store.partition_meta("qos", 3).unwrap(), None);
         let meta = PartitionMeta {
             next_offset: 42,
             max_event_time: Some(-5),
         };
         let mut batch = WriteBatch::default();
-        store.stage_meta(&mut batch, 3, meta);
+        store.stage_meta(&mut batch, "qos", 3, meta);
         store.stage_closed_through(&mut batch, 99);
         store.commit(batch).unwrap();
         drop(store);
         let store = Store::open(dir.path(), 8, 8).unwrap();
-        assert_eq!(store.partition_meta(3).unwrap(), Some(meta));
+        assert_eq!(store.partition_meta("qos", 3).unwrap(), Some(meta));
+        assert_eq!(store.partition_meta("resume", 3).unwrap(), None);
         assert_eq!(store.closed_through().unwrap(), Some(99));
     }
 }
