@@ -251,14 +251,11 @@ fn decode_position(
         ))
     };
     let (id, mut payload) = split_frame(value).map_err(|e| corrupt(e.to_string()))?;
-    if !writers.contains_key(&id) {
+    if let std::collections::hash_map::Entry::Vacant(slot) = writers.entry(id) {
         let text = registry.schema_by_id(id)?;
-        writers.insert(
-            id,
-            apache_avro::Schema::parse_str(&text).map_err(|e| corrupt(e.to_string()))?,
-        );
+        slot.insert(apache_avro::Schema::parse_str(&text).map_err(|e| corrupt(e.to_string()))?);
     }
-    let reader_ = apache_avro::reader::datum::GenericDatumReader::builder(&writers[&id])
+    let resolver = apache_avro::reader::datum::GenericDatumReader::builder(&writers[&id])
         .reader_schema(reader)
         .build()
         .map_err(|e| corrupt(e.to_string()))?;
