@@ -259,7 +259,7 @@ fn decode_position(
         .reader_schema(reader)
         .build()
         .map_err(|e| corrupt(e.to_string()))?;
-    let v = reader_
+    let v = resolver
         .read_value(&mut payload)
         .map_err(|e| corrupt(e.to_string()))?;
     apache_avro::from_value(&v).map_err(|e| corrupt(e.to_string()))
