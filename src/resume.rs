@@ -43,6 +43,8 @@ use crate::table::{apply, Applied, Entry};
 pub const RESUME_POSITION_SCHEMA: &str = include_str!("../avro/resume_position.avsc");
 /// Header carrying the event id that orders ties, so a restored table breaks them the same way.
 pub const EVENT_ID_HEADER: &str = "marquee.event_id";
+/// A restore ends when no record arrived for this long (a backstop for partition EOF).
+const RESTORE_QUIET: Duration = Duration::from_secs(5);
 /// Name of the table stage's offsets in the meta column family.
 const STAGE: &str = "resume";
 
@@ -156,6 +158,7 @@ pub fn restore(
     }
     let started = Instant::now();
     let consumer: BaseConsumer = consumer_config(brokers, "marquee-restore", &Default::default())
+        .set("enable.partition.eof", "true")
         .create()
         .map_err(PipelineError::kafka("creating the restore consumer"))?;
     let schema = apache_avro::Schema::parse_str(RESUME_POSITION_SCHEMA)
@@ -173,64 +176,61 @@ pub fn restore(
         .first()
         .map(|t| t.partitions().iter().map(|p| p.id()).collect())
         .unwrap_or_default();
-    for p in partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(&resume.topic, p, Duration::from_secs(10))
-            .map_err(PipelineError::kafka(format!(
-                "reading offsets of {}[{p}]",
-                resume.topic
-            )))?;
-        if high <= low {
-            continue;
-        }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&resume.topic, p, Offset::Offset(low))
+    // Read every partition to its end. The end is the partition-EOF event (brokers differ in
+    // how they report high watermarks up front), or a quiet spell as a backstop.
+    let mut tpl = TopicPartitionList::new();
+    for &p in &partitions {
+        tpl.add_partition_offset(&resume.topic, p, Offset::Beginning)
             .map_err(PipelineError::kafka("assigning a restore partition"))?;
-        consumer
-            .assign(&tpl)
-            .map_err(PipelineError::kafka("assigning a restore partition"))?;
-        let mut batch = WriteBatch::default();
-        let mut next = low;
-        while next < high {
-            let Some(result) = consumer.poll(Duration::from_secs(10)) else {
-                return Err(PipelineError::Other(format!(
-                    "restoring {}[{p}]: no record at offset {next} within 10s (high watermark {high})",
-                    resume.topic
-                )));
-            };
-            let m = result.map_err(PipelineError::kafka("reading the resume topic"))?;
-            next = m.offset() + 1;
-            let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
-            let Some((profile, title)) = key.split_once('/') else {
-                continue;
-            };
-            match m.payload() {
-                None => store.stage_table_delete(&mut batch, p, profile, title),
-                Some(value) => {
-                    let position = decode_position(value, &schema, &mut writers, decoder_registry)?;
-                    let event_id = m
-                        .headers()
-                        .and_then(|h| {
-                            h.iter()
-                                .find(|h| h.key == EVENT_ID_HEADER)
-                                .and_then(|h| h.value)
-                        })
-                        .map(|v| String::from_utf8_lossy(v).into_owned())
-                        .unwrap_or_default();
-                    let stored = StoredEntry {
-                        entry: Entry { position, event_id },
-                        pending: false,
-                    };
-                    store.stage_table_put(&mut batch, p, &stored);
-                }
-            }
-            restored += 1;
-            if batch.len() >= 10_000 {
-                store.commit(std::mem::take(&mut batch))?;
-            }
-        }
-        store.commit(batch)?;
     }
+    consumer
+        .assign(&tpl)
+        .map_err(PipelineError::kafka("assigning the restore partitions"))?;
+    let mut remaining: BTreeSet<i32> = partitions.into_iter().collect();
+    let mut batch = WriteBatch::default();
+    let mut last_record = Instant::now();
+    while !remaining.is_empty() && last_record.elapsed() < RESTORE_QUIET {
+        let m = match consumer.poll(Duration::from_millis(100)) {
+            None => continue,
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                remaining.remove(&p);
+                continue;
+            }
+            Some(Err(e)) => return Err(PipelineError::kafka("reading the resume topic")(e)),
+            Some(Ok(m)) => m,
+        };
+        last_record = Instant::now();
+        let p = m.partition();
+        let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+        let Some((profile, title)) = key.split_once('/') else {
+            continue;
+        };
+        match m.payload() {
+            None => store.stage_table_delete(&mut batch, p, profile, title),
+            Some(value) => {
+                let position = decode_position(value, &schema, &mut writers, decoder_registry)?;
+                let event_id = m
+                    .headers()
+                    .and_then(|h| {
+                        h.iter()
+                            .find(|h| h.key == EVENT_ID_HEADER)
+                            .and_then(|h| h.value)
+                    })
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default();
+                let stored = StoredEntry {
+                    entry: Entry { position, event_id },
+                    pending: false,
+                };
+                store.stage_table_put(&mut batch, p, &stored);
+            }
+        }
+        restored += 1;
+        if batch.len() >= 10_000 {
+            store.commit(std::mem::take(&mut batch))?;
+        }
+    }
+    store.commit(batch)?;
     let mut batch = WriteBatch::default();
     store.stage_table_restored(&mut batch);
     store.commit(batch)?;

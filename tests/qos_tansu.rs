@@ -246,6 +246,7 @@ fn sigkill_and_restart_ends_with_the_same_records() {
             .args(["--http", &format!("127.0.0.1:{}", free_port())])
             .env("RUST_LOG", "warn")
             .spawn()
+            .map(common::KillOnDrop)
             .expect("marquee binary starts")
     };
     let chunks: Vec<_> = events.chunks(events.len() / 3).collect();
@@ -273,8 +274,8 @@ fn sigkill_and_restart_ends_with_the_same_records() {
         });
         send(chunk);
         std::thread::sleep(Duration::from_millis(300));
-        child.kill().unwrap();
-        child.wait().unwrap();
+        child.0.kill().unwrap();
+        child.0.wait().unwrap();
     }
     for chunk in &chunks[3..] {
         send(chunk);
@@ -295,8 +296,8 @@ fn sigkill_and_restart_ends_with_the_same_records() {
         Duration::from_secs(30),
     );
     // SIGTERM: a clean stop.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().unwrap();
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    let status = child.0.wait().unwrap();
     assert!(
         status.success(),
         "marquee exits cleanly on SIGTERM: {status}"

@@ -272,13 +272,27 @@ pub fn decode_qos(value: &[u8]) -> marquee::record::QosWindow {
     apache_avro::from_value(&v).expect("QosWindow fields")
 }
 
-/// GETs `path` from `addr` and returns (status, body).
+/// A child process killed when the test ends, even by a panic.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// GETs `path` from `addr` and returns (status, body); status 0 when nothing answers.
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
-    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let Ok(mut stream) = TcpStream::connect(addr) else {
+        return (0, String::new()); // not listening (yet)
+    };
     let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
+    let sent = write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    if sent.is_err() || stream.read_to_string(&mut response).is_err() {
+        return (0, String::new());
+    }
     let status = response
         .split_whitespace()
         .nth(1)

@@ -1,0 +1,318 @@
+//! The resume-position table on a real broker: the compacted topic and the HTTP API hold the
+//! newest position per profile and title despite disorder; a SIGKILLed instance restarted on a
+//! wiped state directory restores the same table from the topic; a restart on an existing
+//! directory re-emits nothing; completed titles leave the continue-watching row.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{broker, free_port, http_get, read_topic, registry, unique, wait_for, KillOnDrop};
+use marquee::gen::{GenOptions, Generator, Publisher};
+use marquee::record::{PlaybackEvent, ResumePosition};
+use marquee::registry::HttpRegistry;
+
+/// The reference: per key, the event with the largest (event_time, event_id).
+fn expected(events: &[PlaybackEvent]) -> BTreeMap<String, ResumePosition> {
+    let mut newest: BTreeMap<String, &PlaybackEvent> = BTreeMap::new();
+    for e in events {
+        let key = format!("{}/{}", e.profile_id, e.title_id);
+        let keep = newest
+            .get(&key)
+            .is_some_and(|n| (n.event_time, &n.event_id) >= (e.event_time, &e.event_id));
+        if !keep {
+            newest.insert(key, e);
+        }
+    }
+    newest
+        .into_iter()
+        .map(|(key, e)| {
+            let progress = e.duration_ms.map(|d| e.position_ms as f64 / d as f64);
+            let position = ResumePosition {
+                profile_id: e.profile_id.clone(),
+                title_id: e.title_id.clone(),
+                position_ms: e.position_ms,
+                duration_ms: e.duration_ms,
+                progress,
+                completed: progress.is_some_and(|p| p >= 0.95),
+                updated_at: e.event_time,
+                device_type: e.device_type.clone(),
+            };
+            (key, position)
+        })
+        .collect()
+}
+
+fn topology_file(dir: &Path, input: &str, state: &Path) -> std::path::PathBuf {
+    let text = format!(
+        r#"
+name = "{input}"
+[source]
+topic = "{input}"
+[source.kafka]
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "500"
+[resume]
+topic = "{input}-positions"
+partitions = 3
+emit_interval = "200ms"
+[sink]
+dead_letter_topic = "{input}-dead"
+[state]
+dir = "{}"
+checkpoint_interval = "100ms"
+"#,
+        state.display()
+    );
+    let file = dir.join("resume.toml");
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+fn spawn(file: &Path, http: &str) -> KillOnDrop {
+    let child = Command::new(env!("CARGO_BIN_EXE_marquee"))
+        .args([
+            "run",
+            file.to_str().unwrap(),
+            "--brokers",
+            &broker().addr,
+            "--registry",
+            &registry().url(),
+        ])
+        .args(["--http", http])
+        .env(
+            "RUST_LOG",
+            std::env::var("MARQUEE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .spawn()
+        .expect("marquee binary starts");
+    KillOnDrop(child)
+}
+
+fn get_json(http: &str, path: &str) -> (u16, serde_json::Value) {
+    let (status, body) = http_get(http, path);
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// Whether every key's HTTP answer and every profile's row match the reference.
+fn http_matches(http: &str, expected: &BTreeMap<String, ResumePosition>) -> Result<(), String> {
+    let mut rows: BTreeMap<&str, Vec<&ResumePosition>> = BTreeMap::new();
+    for (key, want) in expected {
+        let (status, got) = get_json(
+            http,
+            &format!("/profiles/{}/titles/{}", want.profile_id, want.title_id),
+        );
+        let want_json = serde_json::to_value(want).unwrap();
+        if status != 200 || got != want_json {
+            return Err(format!("{key}: HTTP {status} {got}, expected {want_json}"));
+        }
+        if !want.completed {
+            rows.entry(&want.profile_id).or_default().push(want);
+        }
+    }
+    for (profile, mut row) in rows {
+        row.sort_by(|a, b| {
+            b.updated_at
+                .cmp(&a.updated_at)
+                .then_with(|| a.title_id.cmp(&b.title_id))
+        });
+        let (status, got) = get_json(
+            http,
+            &format!("/profiles/{profile}/continue-watching?limit=50"),
+        );
+        let want = serde_json::to_value(&row).unwrap();
+        if status != 200 || got != want {
+            return Err(format!(
+                "row of {profile}: HTTP {status} {got}, expected {want}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Latest value per key in the compacted topic (tombstones remove).
+fn topic_table(topic: &str, at_least: usize) -> BTreeMap<String, ResumePosition> {
+    let schema = apache_avro::Schema::parse_str(marquee::resume::RESUME_POSITION_SCHEMA).unwrap();
+    let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
+        .build()
+        .unwrap();
+    let mut table = BTreeMap::new();
+    for r in read_topic(
+        &broker().addr,
+        topic,
+        at_least,
+        Duration::from_millis(500),
+        Duration::from_secs(20),
+    ) {
+        let key = r.key_str();
+        match r.value {
+            None => {
+                table.remove(&key);
+            }
+            Some(v) => {
+                let (_, mut payload) = marquee::decode::split_frame(&v).unwrap();
+                let value = reader.read_value(&mut payload).unwrap();
+                table.insert(key, apache_avro::from_value(&value).unwrap());
+            }
+        }
+    }
+    table
+}
+
+#[test]
+fn resume_table_survives_disorder_sigkill_and_a_wiped_state_directory() {
+    let brokers = broker().addr.clone();
+    let input = unique("resume-events");
+    common::create_topic(&brokers, &input, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let file = topology_file(dir.path(), &input, &state);
+
+    let options = GenOptions {
+        seed: 21,
+        accounts: 40,
+        titles: 8,
+        session_interval_ms: 2_000,
+        disorder_ms: 20_000,
+        late_share: 0.05,
+        late_delay_ms: 120_000,
+        ..GenOptions::default()
+    };
+    let mut events: Vec<PlaybackEvent> = Generator::new(options)
+        .take(3_000)
+        .map(|a| a.event)
+        .collect();
+    // One title watched to the end: it must leave the continue-watching row.
+    let mut finished = events.iter().max_by_key(|e| e.event_time).unwrap().clone();
+    finished.event_time += 60_000;
+    finished.event_id = "zz-finished".into();
+    finished.position_ms = finished.duration_ms.unwrap();
+    events.push(finished.clone());
+    let expected = expected(&events);
+    assert!(
+        expected.values().any(|p| p.completed),
+        "the dataset has a completed title"
+    );
+    assert!(expected.len() > 50);
+
+    let http_registry = HttpRegistry::new(&registry().url()).unwrap();
+    let publisher = Publisher::new(&brokers, &http_registry, &input, Some(3)).unwrap();
+    for e in &events {
+        publisher.send(e).unwrap();
+    }
+    publisher.flush().unwrap();
+
+    let http = format!("127.0.0.1:{}", free_port());
+    let mut child = spawn(&file, &http);
+    wait_for(
+        "the HTTP answers to match the reference",
+        Duration::from_secs(90),
+        || http_matches(&http, &expected).ok(),
+    );
+    let (status, unknown) = get_json(&http, "/profiles/nobody/continue-watching");
+    assert!(status == 200 || status == 421, "{status}");
+    if status == 200 {
+        assert_eq!(
+            unknown,
+            serde_json::json!([]),
+            "an unknown profile has an empty row"
+        );
+    }
+    assert_eq!(
+        get_json(
+            &http,
+            &format!(
+                "/profiles/{}/continue-watching?limit=abc",
+                finished.profile_id
+            )
+        )
+        .0,
+        400
+    );
+    assert_eq!(
+        get_json(
+            &http,
+            &format!("/profiles/{}/titles/no-such-title", finished.profile_id)
+        )
+        .0,
+        404
+    );
+    let topic = format!("{input}-positions");
+    wait_for(
+        "the compacted topic to match the reference",
+        Duration::from_secs(30),
+        || (topic_table(&topic, expected.len()) == expected).then_some(()),
+    );
+    let (_, metrics) = http_get(&http, "/metrics");
+    for needle in [
+        "marquee_table_entries",
+        "marquee_table_updates_total{outcome=\"applied\"}",
+        "marquee_table_updates_total{outcome=\"out_of_date\"}",
+        "marquee_query_duration_seconds_bucket{route=\"title\"",
+    ] {
+        assert!(metrics.contains(needle), "/metrics lacks {needle}");
+    }
+
+    // A new machine: SIGKILL, wipe the state, restart: the table comes back from the topic.
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    std::fs::remove_dir_all(&state).unwrap();
+    let http = format!("127.0.0.1:{}", free_port());
+    let mut child = spawn(&file, &http);
+    wait_for(
+        "readiness after the restore",
+        Duration::from_secs(60),
+        || (http_get(&http, "/readyz").0 == 200).then_some(()),
+    );
+    wait_for(
+        "the restored table to answer like before",
+        Duration::from_secs(30),
+        || http_matches(&http, &expected).ok(),
+    );
+    let (_, metrics) = http_get(&http, "/metrics");
+    assert!(
+        metrics.contains("marquee_table_restored_records_total"),
+        "restore is measured"
+    );
+
+    // A restart on the existing directory neither replays nor re-emits the table.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    assert!(child.0.wait().unwrap().success());
+    let before = read_topic(
+        &brokers,
+        &topic,
+        1,
+        Duration::from_millis(500),
+        Duration::from_secs(10),
+    )
+    .len();
+    let http = format!("127.0.0.1:{}", free_port());
+    let mut child = spawn(&file, &http);
+    wait_for(
+        "readiness on the existing directory",
+        Duration::from_secs(60),
+        || (http_get(&http, "/readyz").0 == 200).then_some(()),
+    );
+    http_matches(&http, &expected).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let after = read_topic(
+        &brokers,
+        &topic,
+        before,
+        Duration::from_millis(500),
+        Duration::from_secs(10),
+    )
+    .len();
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    assert!(child.0.wait().unwrap().success());
+    assert_eq!(
+        after, before,
+        "no records re-emitted after a restart on the same state"
+    );
+}
