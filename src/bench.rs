@@ -170,3 +170,166 @@ fn peak_rss_kib() -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// What the query benchmark measured.
+#[derive(Debug, Clone)]
+pub struct QueryReport {
+    pub requests: usize,
+    pub concurrency: usize,
+    pub per_second: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub updates_per_cpu_second: f64,
+}
+
+impl std::fmt::Display for QueryReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "table updates             {:.0} per CPU-second (apply + RocksDB write)",
+            self.updates_per_cpu_second
+        )?;
+        writeln!(
+            f,
+            "queries                   {} from {} concurrent clients",
+            self.requests, self.concurrency
+        )?;
+        writeln!(
+            f,
+            "query throughput          {:.0} requests/s",
+            self.per_second
+        )?;
+        write!(
+            f,
+            "query latency             p50 {:.3} ms, p99 {:.3} ms",
+            self.p50_ms, self.p99_ms
+        )
+    }
+}
+
+/// Fills a resume table with generated events, then measures continue-watching queries over
+/// HTTP from `concurrency` clients. No broker needed.
+pub fn queries(
+    events: usize,
+    requests: usize,
+    concurrency: usize,
+) -> Result<QueryReport, PipelineError> {
+    use crate::state::{Store, StoredEntry};
+    use crate::table::{apply, key_of, Applied};
+    let dir = tempdir_path("marquee-query-bench");
+    let store = Arc::new(Store::open(&dir, 64, 64)?);
+    let partitions = 4;
+    let mut profiles = std::collections::BTreeSet::new();
+    let options = GenOptions {
+        accounts: 20_000,
+        ..GenOptions::default()
+    };
+    let generated: Vec<_> = Generator::new(options)
+        .take(events)
+        .map(|a| a.event)
+        .collect();
+    let cpu_before = cpu_seconds();
+    let mut latest: std::collections::HashMap<String, crate::table::Entry> =
+        std::collections::HashMap::new();
+    let mut batch = rocksdb::WriteBatch::default();
+    for e in &generated {
+        let key = key_of(e);
+        let p = crate::gen::partition_for(&e.profile_id, partitions);
+        // As in the table stage: entries changed since the last checkpoint, else the store.
+        let current = match latest.get(&key) {
+            Some(entry) => Some(entry.clone()),
+            None => store
+                .table_get(p, &e.profile_id, &e.title_id)?
+                .map(|s| s.entry),
+        };
+        if let Applied::Updated(entry) = apply(current.as_ref(), e, 0.95) {
+            store.stage_table_put(
+                &mut batch,
+                p,
+                &StoredEntry {
+                    entry: entry.clone(),
+                    pending: false,
+                },
+            );
+            latest.insert(key, entry);
+        }
+        profiles.insert(e.profile_id.clone());
+        if batch.len() >= 10_000 {
+            store.commit(std::mem::take(&mut batch))?;
+            latest.clear();
+        }
+    }
+    store.commit(batch)?;
+    let updates_per_cpu_second = events as f64 / (cpu_seconds() - cpu_before);
+
+    let view = Arc::new(crate::resume::TableView::new(
+        Arc::clone(&store),
+        partitions,
+    ));
+    for p in 0..partitions {
+        view.set_owned_for_bench(p);
+    }
+    let server = crate::http::start(
+        "127.0.0.1:0".parse().expect("literal address"),
+        crate::metrics::install(),
+        Arc::new(Health::default()),
+        Some(view),
+    )
+    .map_err(|e| PipelineError::Other(format!("query benchmark server: {e}")))?;
+    let addr = server.addr();
+    let profiles: Vec<String> = profiles.into_iter().collect();
+    let started = Instant::now();
+    let per_client = requests / concurrency.max(1);
+    let mut latencies: Vec<f64> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..concurrency)
+            .map(|c| {
+                let profiles = &profiles;
+                scope.spawn(move || {
+                    (0..per_client)
+                        .map(|i| {
+                            let profile = &profiles[(c * 7919 + i * 104_729) % profiles.len()];
+                            let t = Instant::now();
+                            get(
+                                addr,
+                                &format!("/profiles/{profile}/continue-watching?limit=20"),
+                            );
+                            t.elapsed().as_secs_f64() * 1000.0
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(QueryReport {
+        requests: latencies.len(),
+        concurrency,
+        per_second: latencies.len() as f64 / elapsed,
+        p50_ms: at(0.50),
+        p99_ms: at(0.99),
+        updates_per_cpu_second,
+    })
+}
+
+/// One HTTP/1.0 GET; the body is read and dropped.
+fn get(addr: std::net::SocketAddr, path: &str) {
+    use std::io::{Read, Write};
+    if let Ok(mut stream) = std::net::TcpStream::connect(addr) {
+        let _ = write!(stream, "GET {path} HTTP/1.0\r\nHost: bench\r\n\r\n");
+        let mut sink = Vec::new();
+        let _ = stream.read_to_end(&mut sink);
+    }
+}

@@ -95,6 +95,18 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9464")]
         http: SocketAddr,
     },
+    /// Measure resume-table updates per CPU-second and query latency under concurrent clients.
+    BenchQueries {
+        /// Generated events applied to the table first.
+        #[arg(long, default_value_t = 200_000)]
+        events: usize,
+        /// Queries to send.
+        #[arg(long, default_value_t = 20_000)]
+        requests: usize,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
     /// Measure end-to-end throughput over a preloaded topic on a real broker.
     Bench {
         /// Kafka bootstrap servers.
@@ -209,6 +221,15 @@ fn main() -> anyhow::Result<()> {
         Command::Demo { rate, http } => {
             let shutdown = shutdown_on_signal()?;
             marquee::demo::run(rate, Some(http), &shutdown)?;
+        }
+        Command::BenchQueries {
+            events,
+            requests,
+            concurrency,
+        } => {
+            let report = marquee::bench::queries(events, requests, concurrency)
+                .context("query benchmark failed")?;
+            println!("{report}");
         }
         Command::Bench {
             brokers,

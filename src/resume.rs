@@ -79,6 +79,11 @@ impl TableView {
             .contains(&partition)
     }
 
+    /// Marks `partition` owned without a consumer group (the query benchmark).
+    pub fn set_owned_for_bench(&self, partition: i32) {
+        self.set_owned(partition, true);
+    }
+
     fn set_owned(&self, partition: i32, owned: bool) {
         let mut set = self.owned.write().unwrap_or_else(|e| e.into_inner());
         if owned {
