@@ -1,0 +1,112 @@
+//! The table query API over real HTTP on a real RocksDB store, without a broker: rows,
+//! single entries, malformed requests and partitions this instance does not own.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::http_get;
+use marquee::http::Health;
+use marquee::record::ResumePosition;
+use marquee::resume::TableView;
+use marquee::state::{Store, StoredEntry};
+use marquee::table::Entry;
+
+fn entry(profile: &str, title: &str, updated_at: i64, position_ms: i64) -> StoredEntry {
+    let progress = position_ms as f64 / 1_000.0;
+    StoredEntry {
+        entry: Entry {
+            position: ResumePosition {
+                profile_id: profile.into(),
+                title_id: title.into(),
+                position_ms,
+                duration_ms: Some(1_000),
+                progress: Some(progress),
+                completed: progress >= 0.95,
+                updated_at,
+                device_type: "tv".into(),
+            },
+            event_id: format!("{title}-{updated_at}"),
+        },
+        pending: false,
+    }
+}
+
+#[test]
+fn queries_answer_for_owned_partitions_and_redirect_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path(), 8, 8).unwrap());
+    let view = Arc::new(TableView::new(Arc::clone(&store), 2));
+    // Two profiles in different partitions; only the first partition is owned.
+    let mine = (0..)
+        .map(|i| format!("p{i}"))
+        .find(|p| view.partition_of(p) == 0)
+        .unwrap();
+    let theirs = (0..)
+        .map(|i| format!("p{i}"))
+        .find(|p| view.partition_of(p) == 1)
+        .unwrap();
+    view.set_owned_for_bench(0);
+    let mut batch = rocksdb::WriteBatch::default();
+    for stored in [
+        entry(&mine, "a", 100, 100),
+        entry(&mine, "b", 300, 500),
+        entry(&mine, "c", 200, 990), // completed: not in the row
+        entry(&mine, "d", 50, 10),
+    ] {
+        store.stage_table_put(&mut batch, 0, &stored);
+    }
+    store.commit(batch).unwrap();
+    let server = marquee::http::start(
+        "127.0.0.1:0".parse().unwrap(),
+        marquee::metrics::install(),
+        Arc::new(Health::default()),
+        Some(view),
+    )
+    .unwrap();
+    let addr = server.addr().to_string();
+
+    let (status, body) = http_get(
+        &addr,
+        &format!("/profiles/{mine}/continue-watching?limit=2"),
+    );
+    assert_eq!(status, 200);
+    let row: Vec<ResumePosition> = serde_json::from_str(&body).unwrap();
+    let titles: Vec<_> = row.iter().map(|p| p.title_id.as_str()).collect();
+    assert_eq!(titles, ["b", "a"], "unfinished, newest first, limited");
+
+    let (status, body) = http_get(&addr, &format!("/profiles/{mine}/titles/c"));
+    assert_eq!(status, 200);
+    assert!(
+        serde_json::from_str::<ResumePosition>(&body)
+            .unwrap()
+            .completed
+    );
+    assert_eq!(
+        http_get(&addr, &format!("/profiles/{mine}/titles/zzz")).0,
+        404
+    );
+
+    for bad in ["limit=0", "limit=-3", "limit=abc", "limit=5000", "lmit=2"] {
+        let (status, body) = http_get(&addr, &format!("/profiles/{mine}/continue-watching?{bad}"));
+        assert_eq!(status, 400, "{bad}");
+        assert!(body.contains("error"), "{bad}: {body}");
+    }
+
+    let (status, body) = http_get(&addr, &format!("/profiles/{theirs}/continue-watching"));
+    assert_eq!(status, 421, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["partition"], 1);
+    assert_eq!(body["partitions"], 2);
+
+    let unknown = (0..)
+        .map(|i| format!("nobody{i}"))
+        .find(|p| marquee::gen::partition_for(p, 2) == 0)
+        .unwrap();
+    let (status, body) = http_get(&addr, &format!("/profiles/{unknown}/continue-watching"));
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "[]"),
+        "an unknown profile has an empty row"
+    );
+}
