@@ -4,15 +4,13 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::qos::{assert_results_equal, dataset, expected, results_by_key, topology, Feeder};
-use common::{read_topic, registry, unique};
-use marquee::app::{self, Endpoints};
-use marquee::http::Health;
+use common::qos::{
+    assert_results_equal, dataset, expected, read_outputs, results_by_key, topology, Feeder,
+};
+use common::{unique, Running};
 use rdkafka::mocking::MockCluster;
-use tokio_util::sync::CancellationToken;
 
 #[test]
 fn pipeline_on_the_mock_cluster_matches_the_reference() {
@@ -37,32 +35,8 @@ fn pipeline_on_the_mock_cluster_matches_the_reference() {
     }
     feeder.flush();
 
-    let shutdown = CancellationToken::new();
-    let endpoints = Endpoints {
-        brokers: brokers.clone(),
-        registry: registry().url(),
-        http: None,
-    };
-    let run = {
-        let (topology, shutdown) = (topology.clone(), shutdown.clone());
-        std::thread::spawn(move || {
-            app::run(
-                &topology,
-                &endpoints,
-                &shutdown,
-                Arc::new(Health::default()),
-                None,
-            )
-        })
-    };
-    let results = read_topic(
-        &brokers,
-        &topology.sink.topic,
-        expected.results.len(),
-        Duration::from_secs(6),
-        Duration::from_secs(90),
-    );
-    shutdown.cancel();
-    run.join().unwrap().expect("pipeline stops cleanly");
+    let running = Running::start(&topology, &brokers, None);
+    let (results, _) = read_outputs(&brokers, &topology, &expected, Duration::from_secs(90));
+    running.stop();
     assert_results_equal(&results_by_key(&results), &expected.results);
 }

@@ -9,15 +9,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::qos::{
-    assert_results_equal, dataset, expected, late_event_ids, results_by_key, topology, Feeder,
+    assert_results_equal, dataset, expected, late_event_ids, read_outputs, results_by_key,
+    topology, Feeder,
 };
-use common::{broker, free_port, http_get, read_topic, registry, unique, wait_for, Consumed};
-use marquee::app::{self, Endpoints};
+use common::{
+    broker, free_port, http_get, read_topic, registry, unique, wait_for, Consumed, Running,
+};
 use marquee::config::Topology;
 use marquee::decode::frame;
-use marquee::http::Health;
 use marquee::record::PlaybackEvent;
-use tokio_util::sync::CancellationToken;
 
 /// A poison record: the dead-letter reason it must get, its key and value.
 type Poison<'a> = (&'a str, Option<&'a [u8]>, Option<Vec<u8>>);
@@ -80,33 +80,8 @@ fn results_match_the_reference_with_disorder_lateness_poison_and_an_idle_partiti
     feeder.flush();
 
     let http = format!("127.0.0.1:{}", free_port());
-    let endpoints = Endpoints {
-        brokers: brokers.clone(),
-        registry: registry().url(),
-        http: Some(http.parse().unwrap()),
-    };
-    let shutdown = CancellationToken::new();
-    let health = Arc::new(Health::default());
-    let run = {
-        let (topology, shutdown, health) =
-            (topology.clone(), shutdown.clone(), Arc::clone(&health));
-        std::thread::spawn(move || app::run(&topology, &endpoints, &shutdown, health, None))
-    };
-
-    let results = read_topic(
-        &brokers,
-        &topology.sink.topic,
-        expected.results.len(),
-        Duration::from_secs(6),
-        Duration::from_secs(120),
-    );
-    let late = read_topic(
-        &brokers,
-        &topology.sink.late_topic,
-        expected.late.len(),
-        Duration::from_secs(1),
-        Duration::from_secs(30),
-    );
+    let running = Running::start(&topology, &brokers, Some(http.parse().unwrap()));
+    let (results, late) = read_outputs(&brokers, &topology, &expected, Duration::from_secs(120));
     let dead = read_topic(
         &brokers,
         &topology.sink.dead_letter_topic,
@@ -119,8 +94,7 @@ fn results_match_the_reference_with_disorder_lateness_poison_and_an_idle_partiti
     assert_eq!(status, 200);
     assert_eq!(http_get(&http, "/healthz").0, 200);
     assert_eq!(http_get(&http, "/readyz").0, 200);
-    shutdown.cancel();
-    run.join().unwrap().expect("pipeline stops cleanly");
+    running.stop();
 
     assert_results_equal(&results_by_key(&results), &expected.results);
     assert_eq!(
@@ -277,24 +251,8 @@ fn sigkill_and_restart_ends_with_the_same_records() {
         child.0.kill().unwrap();
         child.0.wait().unwrap();
     }
-    for chunk in &chunks[3..] {
-        send(chunk);
-    }
     let mut child = spawn();
-    let results = read_topic(
-        &brokers,
-        &topology.sink.topic,
-        expected.results.len(),
-        Duration::from_secs(6),
-        Duration::from_secs(180),
-    );
-    let late = read_topic(
-        &brokers,
-        &topology.sink.late_topic,
-        expected.late.len(),
-        Duration::from_secs(1),
-        Duration::from_secs(30),
-    );
+    let (results, late) = read_outputs(&brokers, &topology, &expected, Duration::from_secs(180));
     // SIGTERM: a clean stop.
     unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
     let status = child.0.wait().unwrap();

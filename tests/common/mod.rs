@@ -319,3 +319,40 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// An in-process instance running on its own thread until [`Running::stop`].
+pub struct Running {
+    shutdown: tokio_util::sync::CancellationToken,
+    thread: std::thread::JoinHandle<Result<(), marquee::error::PipelineError>>,
+}
+
+impl Running {
+    /// Starts `topology` against `brokers` and the shared registry, serving HTTP on `http`.
+    pub fn start(
+        topology: &marquee::config::Topology,
+        brokers: &str,
+        http: Option<std::net::SocketAddr>,
+    ) -> Self {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let endpoints = marquee::app::Endpoints {
+            brokers: brokers.to_string(),
+            registry: registry().url(),
+            http,
+        };
+        let (topology, stop) = (topology.clone(), shutdown.clone());
+        let health = std::sync::Arc::new(marquee::http::Health::default());
+        let thread = std::thread::spawn(move || {
+            marquee::app::run(&topology, &endpoints, &stop, health, None)
+        });
+        Self { shutdown, thread }
+    }
+
+    /// Stops the instance and asserts it stopped cleanly.
+    pub fn stop(self) {
+        self.shutdown.cancel();
+        self.thread
+            .join()
+            .unwrap()
+            .expect("the instance stops cleanly");
+    }
+}

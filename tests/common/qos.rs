@@ -196,3 +196,28 @@ pub fn late_event_ids(records: &[Consumed]) -> BTreeSet<String> {
         })
         .collect()
 }
+
+/// Reads the result and late topics of `topology` until they hold what `expected` predicts.
+pub fn read_outputs(
+    brokers: &str,
+    topology: &Topology,
+    expected: &Expected,
+    timeout: std::time::Duration,
+) -> (Vec<Consumed>, Vec<Consumed>) {
+    use std::time::Duration;
+    let results = super::read_topic(
+        brokers,
+        &topology.sink.topic,
+        expected.results.len(),
+        Duration::from_secs(6),
+        timeout,
+    );
+    let late = super::read_topic(
+        brokers,
+        &topology.sink.late_topic,
+        expected.late.len(),
+        Duration::from_secs(1),
+        Duration::from_secs(30),
+    );
+    (results, late)
+}
