@@ -115,7 +115,13 @@ pub fn repartition(
     let mut offsets: BTreeMap<i32, i64> = BTreeMap::new();
     let mut last_commit = Instant::now();
     while !shutdown.is_cancelled() {
-        if let Some(Ok(m)) = source.poll(Duration::from_millis(50)) {
+        let polled = source.poll(Duration::from_millis(50));
+        // Nothing here is per partition, so assignment changes need no handling.
+        source.take_assignments();
+        if let Some(Err(e)) = &polled {
+            tracing::warn!(error = %e, "consumer error; librdkafka retries");
+        }
+        if let Some(Ok(m)) = polled {
             let origin = Origin {
                 partition: m.partition(),
                 offset: m.offset(),
@@ -136,7 +142,6 @@ pub fn repartition(
             }
             offsets.insert(origin.partition, origin.offset + 1);
         }
-        source.take_assignments();
         if last_commit.elapsed() >= topology.state.checkpoint_interval {
             crate::sink::flush_and_check(&producer)?;
             dead_letters.flush()?;
@@ -338,6 +343,9 @@ impl TableStage {
             for change in source.take_assignments() {
                 self.reassign(source, change)?;
             }
+            if let Some(Err(e)) = &polled {
+                tracing::warn!(error = %e, "consumer error; librdkafka retries");
+            }
             if let Some(Ok(m)) = polled {
                 let (p, offset) = (m.partition(), m.offset());
                 let origin = Origin {
@@ -445,7 +453,6 @@ impl TableStage {
     /// Publishes what the rate limit allows (everything when `all`), flushes, writes changed
     /// entries with offsets in one batch, and commits offsets whose updates are all published.
     fn checkpoint(&mut self, source: &Source, all: bool) -> Result<(), PipelineError> {
-        let started = Instant::now();
         let now = Instant::now();
         let interval = self.resume.emit_interval;
         let mut batch = WriteBatch::default();
@@ -497,6 +504,7 @@ impl TableStage {
             self.last_retention_scan = Instant::now();
         }
         self.sink.flush()?;
+        let flushed = Instant::now();
         for (_, (p, stored)) in self.dirty.drain() {
             self.store.stage_table_put(&mut batch, p, &stored);
         }
@@ -531,7 +539,7 @@ impl TableStage {
             source.commit(offsets);
         }
         crate::metrics::table_size(self.store.table_len());
-        crate::metrics::checkpoint(started.elapsed(), Duration::ZERO);
+        crate::metrics::checkpoint(flushed - now, flushed.elapsed());
         Ok(())
     }
 
