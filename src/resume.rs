@@ -347,58 +347,7 @@ impl TableStage {
                 tracing::warn!(error = %e, "consumer error; librdkafka retries");
             }
             if let Some(Ok(m)) = polled {
-                let (p, offset) = (m.partition(), m.offset());
-                let origin = Origin {
-                    partition: p,
-                    offset,
-                    timestamp: m.timestamp().to_millis(),
-                };
-                let Some(part) = self.parts.get_mut(&p) else {
-                    continue;
-                };
-                if part.next_offset.is_some_and(|next| offset < next) {
-                    continue;
-                }
-                part.next_offset = Some(offset + 1);
-                processed += 1;
-                match self.decoder.decode(m.key(), m.payload())? {
-                    Ok(event) => {
-                        part.max_event_time = Some(
-                            part.max_event_time
-                                .map_or(event.event_time, |t| t.max(event.event_time)),
-                        );
-                        let key = crate::table::key_of(&event);
-                        let current = match self.dirty.get(&key) {
-                            Some((_, stored)) => Some(stored.entry.clone()),
-                            None => self
-                                .store
-                                .table_get(p, &event.profile_id, &event.title_id)?
-                                .map(|s| s.entry),
-                        };
-                        match apply(current.as_ref(), &event, self.resume.completion_threshold) {
-                            Applied::Updated(entry) => {
-                                crate::metrics::table_update(true);
-                                if self.pending.insert(key.clone(), p).is_some() {
-                                    crate::metrics::emit_suppressed();
-                                }
-                                self.dirty.insert(
-                                    key,
-                                    (
-                                        p,
-                                        StoredEntry {
-                                            entry,
-                                            pending: true,
-                                        },
-                                    ),
-                                );
-                            }
-                            Applied::OutOfDate => crate::metrics::table_update(false),
-                        }
-                    }
-                    Err(e) => self
-                        .sink
-                        .send_dead_letter(m.key(), m.payload(), origin, &e)?,
-                }
+                processed += u64::from(self.handle(&m)?);
             }
             if last_checkpoint.elapsed() >= self.checkpoint_interval {
                 self.health.add_processed(std::mem::take(&mut processed));
@@ -409,6 +358,62 @@ impl TableStage {
         self.health.add_processed(processed);
         self.checkpoint(source, true)?;
         Ok(())
+    }
+
+    /// Applies one record; `false` when it was skipped (not owned, or already applied).
+    fn handle(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) -> Result<bool, PipelineError> {
+        let (p, offset) = (m.partition(), m.offset());
+        let origin = Origin {
+            partition: p,
+            offset,
+            timestamp: m.timestamp().to_millis(),
+        };
+        let Some(part) = self.parts.get_mut(&p) else {
+            return Ok(false);
+        };
+        if part.next_offset.is_some_and(|next| offset < next) {
+            return Ok(false); // already in the table
+        }
+        part.next_offset = Some(offset + 1);
+        match self.decoder.decode(m.key(), m.payload())? {
+            Ok(event) => {
+                part.max_event_time = Some(
+                    part.max_event_time
+                        .map_or(event.event_time, |t| t.max(event.event_time)),
+                );
+                let key = crate::table::key_of(&event);
+                let current = match self.dirty.get(&key) {
+                    Some((_, stored)) => Some(stored.entry.clone()),
+                    None => self
+                        .store
+                        .table_get(p, &event.profile_id, &event.title_id)?
+                        .map(|s| s.entry),
+                };
+                match apply(current.as_ref(), &event, self.resume.completion_threshold) {
+                    Applied::Updated(entry) => {
+                        crate::metrics::table_update(true);
+                        if self.pending.insert(key.clone(), p).is_some() {
+                            crate::metrics::emit_suppressed();
+                        }
+                        self.dirty.insert(
+                            key,
+                            (
+                                p,
+                                StoredEntry {
+                                    entry,
+                                    pending: true,
+                                },
+                            ),
+                        );
+                    }
+                    Applied::OutOfDate => crate::metrics::table_update(false),
+                }
+            }
+            Err(e) => self
+                .sink
+                .send_dead_letter(m.key(), m.payload(), origin, &e)?,
+        }
+        Ok(true)
     }
 
     fn reassign(&mut self, source: &Source, change: Assignment) -> Result<(), PipelineError> {
