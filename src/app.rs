@@ -13,7 +13,9 @@ use crate::http::{self, Health};
 use crate::pipeline::{Pipeline, ResultHook};
 use crate::registry::{HttpRegistry, SchemaRegistry};
 use crate::resume::{self, TableStage, TableView, RESUME_POSITION_SCHEMA};
-use crate::sink::{ensure_topics, producer_config, OutputTopics, Sink, QOS_WINDOW_SCHEMA};
+use crate::sink::{
+    ensure_topics, producer_config, OutputTopics, Sink, COMPACTED, QOS_WINDOW_SCHEMA,
+};
 use crate::source::{consumer_config, Source};
 use crate::state::Store;
 
@@ -130,11 +132,9 @@ fn run_qos(
         late: topology.sink.late_topic.clone(),
         dead_letter: topology.sink.dead_letter_topic.clone(),
     };
-    ensure_topics(
-        &producer,
-        &[&topics.results, &topics.late, &topics.dead_letter],
-        1,
-    );
+    // Results are keyed by window and group: compaction only drops replayed duplicates.
+    ensure_topics(&producer, &[&topics.results], 1, COMPACTED);
+    ensure_topics(&producer, &[&topics.late, &topics.dead_letter], 1, &[]);
     let sink = Sink::new(
         &producer,
         topics,
@@ -188,12 +188,11 @@ fn run_resume<'scope>(
     } else {
         repartition_topic.clone()
     };
-    ensure_topics(
-        &producer,
-        &[&resume.topic, &repartition_topic],
-        resume.partitions,
-    );
-    ensure_topics(&producer, &[&topology.sink.dead_letter_topic], 1);
+    ensure_topics(&producer, &[&resume.topic], resume.partitions, COMPACTED);
+    if !resume.input_keyed_by_profile {
+        ensure_topics(&producer, &[&repartition_topic], resume.partitions, &[]);
+    }
+    ensure_topics(&producer, &[&topology.sink.dead_letter_topic], 1, &[]);
     resume::restore(&table.store, &endpoints.brokers, resume, registry.as_ref())?;
 
     let dead_letters = |source_topic: &str| {

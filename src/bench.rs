@@ -78,6 +78,7 @@ pub fn run(brokers: &str, events: u64, partitions: i32) -> Result<BenchReport, P
         &producer_config(brokers, &Default::default()),
         &[&topic],
         partitions,
+        &[],
     );
     let started = Instant::now();
     {

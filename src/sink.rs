@@ -302,9 +302,17 @@ pub fn flush_and_check(producer: &ThreadedProducer<DeliveryTracker>) -> Result<(
     Ok(())
 }
 
-/// Creates `topics` with `partitions` partitions where they do not exist yet. Brokers that
-/// cannot create topics (or auto-create them) only get a warning.
-pub fn ensure_topics(config: &ClientConfig, topics: &[&str], partitions: i32) {
+/// Topic setting of compacted topics (a table's output: the latest value per key is kept).
+pub const COMPACTED: &[(&str, &str)] = &[("cleanup.policy", "compact")];
+
+/// Creates `topics` with `partitions` partitions and the topic settings `configs` where they
+/// do not exist yet. Brokers that cannot create topics (or auto-create them) only get a warning.
+pub fn ensure_topics(
+    config: &ClientConfig,
+    topics: &[&str],
+    partitions: i32,
+    configs: &[(&str, &str)],
+) {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     let admin: AdminClient<rdkafka::client::DefaultClientContext> = match config.create() {
         Ok(admin) => admin,
@@ -327,7 +335,12 @@ pub fn ensure_topics(config: &ClientConfig, topics: &[&str], partitions: i32) {
     let new: Vec<_> = topics
         .iter()
         .filter(|t| !exists(t))
-        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .map(|t| {
+            configs.iter().fold(
+                NewTopic::new(t, partitions, TopicReplication::Fixed(1)),
+                |topic, (k, v)| topic.set(k, v),
+            )
+        })
         .collect();
     if new.is_empty() {
         return;
