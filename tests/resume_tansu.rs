@@ -165,6 +165,24 @@ fn topic_table(topic: &str, at_least: usize) -> BTreeMap<String, ResumePosition>
     table
 }
 
+/// A topic setting, as the broker describes it.
+fn topic_config(topic: &str, name: &str) -> Option<String> {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &broker().addr)
+        .create()
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let described = runtime
+        .block_on(admin.describe_configs(&[ResourceSpecifier::Topic(topic)], &AdminOptions::new()))
+        .unwrap();
+    let resource = described.into_iter().next()?.ok()?;
+    resource.get(name).and_then(|entry| entry.value.clone())
+}
+
 #[test]
 fn resume_table_survives_disorder_sigkill_and_a_wiped_state_directory() {
     let brokers = broker().addr.clone();
@@ -248,6 +266,10 @@ fn resume_table_survives_disorder_sigkill_and_a_wiped_state_directory() {
         "the compacted topic to match the reference",
         Duration::from_secs(30),
         || (topic_table(&topic, expected.len()) == expected).then_some(()),
+    );
+    assert_eq!(
+        topic_config(&topic, "cleanup.policy").as_deref(),
+        Some("compact")
     );
     let (_, metrics) = http_get(&http, "/metrics");
     for needle in [
