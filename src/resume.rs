@@ -167,10 +167,11 @@ pub fn restore(
         return Ok(0);
     }
     let started = Instant::now();
-    let consumer: BaseConsumer = consumer_config(brokers, "marquee-restore", &Default::default())
-        .set("enable.partition.eof", "true")
-        .create()
-        .map_err(PipelineError::kafka("creating the restore consumer"))?;
+    let consumer: BaseConsumer<RestoreContext> =
+        consumer_config(brokers, "marquee-restore", &Default::default())
+            .set("enable.partition.eof", "true")
+            .create_with_context(RestoreContext)
+            .map_err(PipelineError::kafka("creating the restore consumer"))?;
     let schema = apache_avro::Schema::parse_str(RESUME_POSITION_SCHEMA)
         .expect("avro/resume_position.avsc is valid");
     let mut writers: HashMap<u32, apache_avro::Schema> = HashMap::new();
@@ -248,6 +249,25 @@ pub fn restore(
     tracing::info!(records = restored, seconds = started.elapsed().as_secs_f64(), topic = %resume.topic, "resume table restored");
     Ok(restored)
 }
+
+/// The restore consumer's context: reaching a partition's end is how a restore finishes, not
+/// an error worth logging.
+struct RestoreContext;
+
+impl rdkafka::ClientContext for RestoreContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+        let end = matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        );
+        if !end {
+            tracing::error!(%error, reason, "restore consumer error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for RestoreContext {}
 
 fn decode_position(
     value: &[u8],
