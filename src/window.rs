@@ -279,27 +279,15 @@ mod tests {
         };
         let dims = [Dimension::Cdn];
         let mut p = PartitionWindows::default();
-        p.add(&spec, &dims, &event("s1", 1_000, EventType::Play, 0, 0));
-        p.add(
-            &spec,
-            &dims,
-            &event("s1", 2_000, EventType::Heartbeat, 1_000, 0),
-        );
-        p.add(
-            &spec,
-            &dims,
-            &event("s22", 3_000, EventType::RebufferStart, 500, 0),
-        );
-        p.add(
-            &spec,
-            &dims,
-            &event("s22", 4_000, EventType::RebufferEnd, 0, 500),
-        );
-        p.add(
-            &spec,
-            &dims,
-            &event("s333", 61_000, EventType::Heartbeat, 10, 0),
-        );
+        for e in [
+            event("s1", 1_000, EventType::Play, 0, 0),
+            event("s1", 2_000, EventType::Heartbeat, 1_000, 0),
+            event("s22", 3_000, EventType::RebufferStart, 500, 0),
+            event("s22", 4_000, EventType::RebufferEnd, 0, 500),
+            event("s333", 61_000, EventType::Heartbeat, 10, 0),
+        ] {
+            p.add(&spec, &dims, &e);
+        }
         let closed = p.take_closed(&spec, 60_000);
         assert_eq!(closed.len(), 1);
         let results = closed[0].1.results(&spec, 0);
