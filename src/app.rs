@@ -133,8 +133,8 @@ fn run_qos(
         dead_letter: topology.sink.dead_letter_topic.clone(),
     };
     // Results are keyed by window and group: compaction only drops replayed duplicates.
-    ensure_topics(&producer, &[&topics.results], 1, COMPACTED);
-    ensure_topics(&producer, &[&topics.late, &topics.dead_letter], 1, &[]);
+    ensure_topics(&producer, &[&topics.results], 1, COMPACTED)?;
+    ensure_topics(&producer, &[&topics.late, &topics.dead_letter], 1, &[])?;
     let sink = Sink::new(
         &producer,
         topics,
@@ -188,11 +188,11 @@ fn run_resume<'scope>(
     } else {
         repartition_topic.clone()
     };
-    ensure_topics(&producer, &[&resume.topic], resume.partitions, COMPACTED);
+    ensure_topics(&producer, &[&resume.topic], resume.partitions, COMPACTED)?;
     if !resume.input_keyed_by_profile {
-        ensure_topics(&producer, &[&repartition_topic], resume.partitions, &[]);
+        ensure_topics(&producer, &[&repartition_topic], resume.partitions, &[])?;
     }
-    ensure_topics(&producer, &[&topology.sink.dead_letter_topic], 1, &[]);
+    ensure_topics(&producer, &[&topology.sink.dead_letter_topic], 1, &[])?;
     resume::restore(&table.store, &endpoints.brokers, resume, registry.as_ref())?;
 
     let dead_letters = |source_topic: &str| {

@@ -79,7 +79,7 @@ pub fn run(brokers: &str, events: u64, partitions: i32) -> Result<BenchReport, P
         &[&topic],
         partitions,
         &[],
-    );
+    )?;
     let started = Instant::now();
     {
         let http_registry = HttpRegistry::new(&registry.url())?;

@@ -103,10 +103,11 @@ pub enum PipelineError {
     State(#[from] StateError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
-    #[error("Kafka {context}: {source}")]
+    /// The cause is part of the message (not a `source`), so it is printed once.
+    #[error("Kafka error while {context}: {cause}")]
     Kafka {
         context: String,
-        source: rdkafka::error::KafkaError,
+        cause: rdkafka::error::KafkaError,
     },
     #[error("cannot encode {what} as Avro: {message}")]
     Encode { what: String, message: String },
@@ -118,6 +119,6 @@ impl PipelineError {
     /// Wraps a Kafka error with what Marquee was doing.
     pub fn kafka(context: impl Into<String>) -> impl FnOnce(rdkafka::error::KafkaError) -> Self {
         let context = context.into();
-        move |source| PipelineError::Kafka { context, source }
+        move |cause| PipelineError::Kafka { context, cause }
     }
 }

@@ -312,25 +312,37 @@ pub fn ensure_topics(
     topics: &[&str],
     partitions: i32,
     configs: &[(&str, &str)],
-) {
+) -> Result<(), PipelineError> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> = match config.create() {
-        Ok(admin) => admin,
-        Err(e) => return tracing::warn!(error = %e, "cannot create an admin client"),
-    };
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = config
+        .create()
+        .map_err(PipelineError::kafka("creating an admin client"))?;
+    let brokers = config.get("bootstrap.servers").unwrap_or_default();
+    // One round trip tells whether the cluster is reachable at all: fail fast and say so.
+    let listed = admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(10))
+        .map_err(PipelineError::kafka(format!(
+            "reaching the cluster at {brokers} (is it running and reachable?)"
+        )))?;
+    let present =
+        |t: &rdkafka::metadata::MetadataTopic| t.error().is_none() && !t.partitions().is_empty();
+    let listed: Vec<&str> = listed
+        .topics()
+        .iter()
+        .filter(|t| present(t))
+        .map(|t| t.name())
+        .collect();
     // Only ask for what is missing: some brokers (librdkafka's mock cluster) cannot create
-    // topics at all, and auto-create them on this metadata request instead.
+    // topics at all, and auto-create them on a metadata request for the topic instead.
     let exists = |topic: &str| {
-        admin
-            .inner()
-            .fetch_metadata(Some(topic), Duration::from_secs(5))
-            .ok()
-            .and_then(|m| {
-                m.topics()
-                    .first()
-                    .map(|t| t.error().is_none() && !t.partitions().is_empty())
-            })
-            .unwrap_or(false)
+        listed.contains(&topic)
+            || admin
+                .inner()
+                .fetch_metadata(Some(topic), Duration::from_secs(5))
+                .ok()
+                .and_then(|m| m.topics().first().map(present))
+                .unwrap_or(false)
     };
     let new: Vec<_> = topics
         .iter()
@@ -343,15 +355,14 @@ pub fn ensure_topics(
         })
         .collect();
     if new.is_empty() {
-        return;
+        return Ok(());
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => return tracing::warn!(error = %e, "cannot start a runtime for topic creation"),
-    };
+        .map_err(|e| {
+            PipelineError::Other(format!("cannot start a runtime for topic creation: {e}"))
+        })?;
     let timeout = Some(Duration::from_secs(10));
     let options = AdminOptions::new()
         .operation_timeout(timeout)
@@ -362,12 +373,15 @@ pub fn ensure_topics(
                 match result {
                     Ok(topic) => tracing::info!(topic, partitions, "created topic"),
                     Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                    Err((topic, code)) => tracing::warn!(topic, %code, "cannot create topic"),
+                    Err((topic, code)) => {
+                        tracing::warn!(topic, %code, "cannot create topic; expecting it to exist")
+                    }
                 }
             }
         }
         Err(e) => tracing::warn!(error = %e, "cannot create topics; expecting them to exist"),
     }
+    Ok(())
 }
 
 fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {

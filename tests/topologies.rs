@@ -107,3 +107,28 @@ fn validate_command_checks_without_running() {
         "{stderr}"
     );
 }
+
+#[test]
+fn run_fails_fast_and_clearly_when_kafka_is_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_marquee"))
+        .args([
+            "run",
+            "topologies/qos.toml",
+            "--brokers",
+            "127.0.0.1:1",
+            "--http",
+            "127.0.0.1:0",
+        ])
+        .args(["--state-dir", dir.path().to_str().unwrap()])
+        .env("RUST_LOG", "error,librdkafka=off,rdkafka=off")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("reaching the cluster at 127.0.0.1:1 (is it running and reachable?)"),
+        "{stderr}"
+    );
+}

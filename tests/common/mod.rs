@@ -138,7 +138,8 @@ pub fn unique(prefix: &str) -> String {
 /// Creates `topic` with `partitions` partitions and waits until its metadata shows them.
 pub fn create_topic(brokers: &str, topic: &str, partitions: i32) {
     let config = marquee::sink::producer_config(brokers, &Default::default());
-    marquee::sink::ensure_topics(&config, &[topic], partitions, &[]);
+    marquee::sink::ensure_topics(&config, &[topic], partitions, &[])
+        .expect("the test broker is reachable");
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
