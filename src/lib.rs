@@ -6,7 +6,12 @@
 //!                      registry)   partition)    partition)   close)   dead letters)
 //!                                                   │
 //!                                      state (RocksDB: windows + offsets + watermarks)
-//!            /metrics · /healthz · /readyz  ◄── HTTP at the side
+//!
+//! Kafka ──► repartition by profile ──► table (newest by event time) ──► resume-positions
+//!                                         │                              (compacted)
+//!                                   state (RocksDB: resume table) ◄── restore from the topic
+//!
+//!   /metrics · /healthz · /readyz · /profiles/… queries  ◄── HTTP at the side
 //! ```
 //!
 //! # Layout
