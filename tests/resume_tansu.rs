@@ -165,6 +165,14 @@ fn topic_table(topic: &str, at_least: usize) -> BTreeMap<String, ResumePosition>
     table
 }
 
+/// The value of one unlabelled-or-fully-labelled series in a Prometheus text page.
+fn metric(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("/metrics lacks {series}"))
+}
+
 /// A topic setting, as the broker describes it.
 fn topic_config(topic: &str, name: &str) -> Option<String> {
     use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
@@ -280,6 +288,25 @@ fn resume_table_survives_disorder_sigkill_and_a_wiped_state_directory() {
     ] {
         assert!(metrics.contains(needle), "/metrics lacks {needle}");
     }
+    // The rate limit: far fewer output records than applied updates, the rest suppressed.
+    let applied = metric(&metrics, "marquee_table_updates_total{outcome=\"applied\"}");
+    let suppressed = metric(&metrics, "marquee_table_emits_suppressed_total");
+    let published = read_topic(
+        &brokers,
+        &topic,
+        1,
+        Duration::from_millis(500),
+        Duration::from_secs(10),
+    )
+    .len();
+    assert!(
+        suppressed > 0.0,
+        "updates within the emit interval are coalesced"
+    );
+    assert!(
+        (published as f64) < applied,
+        "{published} records for {applied} updates"
+    );
 
     // A new machine: SIGKILL, wipe the state, restart: the table comes back from the topic.
     child.0.kill().unwrap();
