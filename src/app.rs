@@ -14,7 +14,7 @@ use crate::pipeline::{Pipeline, ResultHook};
 use crate::registry::{HttpRegistry, SchemaRegistry};
 use crate::resume::{self, TableStage, TableView, RESUME_POSITION_SCHEMA};
 use crate::sink::{
-    ensure_topics, producer_config, OutputTopics, Sink, COMPACTED, QOS_WINDOW_SCHEMA,
+    ensure_topics, producer_config, OutputTopics, Sink, TopicSpec, COMPACTED, QOS_WINDOW_SCHEMA,
 };
 use crate::source::{consumer_config, Source};
 use crate::state::Store;
@@ -133,8 +133,19 @@ fn run_qos(
         dead_letter: topology.sink.dead_letter_topic.clone(),
     };
     // Results are keyed by window and group: compaction only drops replayed duplicates.
-    ensure_topics(&producer, &[&topics.results], 1, COMPACTED)?;
-    ensure_topics(&producer, &[&topics.late, &topics.dead_letter], 1, &[])?;
+    let topic = |name, configs| TopicSpec {
+        name,
+        partitions: 1,
+        configs,
+    };
+    ensure_topics(
+        &producer,
+        &[
+            topic(&topics.results, COMPACTED),
+            topic(&topics.late, &[]),
+            topic(&topics.dead_letter, &[]),
+        ],
+    )?;
     let sink = Sink::new(
         &producer,
         topics,
@@ -188,11 +199,26 @@ fn run_resume<'scope>(
     } else {
         repartition_topic.clone()
     };
-    ensure_topics(&producer, &[&resume.topic], resume.partitions, COMPACTED)?;
+    let mut topics = vec![
+        TopicSpec {
+            name: &resume.topic,
+            partitions: resume.partitions,
+            configs: COMPACTED,
+        },
+        TopicSpec {
+            name: &topology.sink.dead_letter_topic,
+            partitions: 1,
+            configs: &[],
+        },
+    ];
     if !resume.input_keyed_by_profile {
-        ensure_topics(&producer, &[&repartition_topic], resume.partitions, &[])?;
+        topics.push(TopicSpec {
+            name: &repartition_topic,
+            partitions: resume.partitions,
+            configs: &[],
+        });
     }
-    ensure_topics(&producer, &[&topology.sink.dead_letter_topic], 1, &[])?;
+    ensure_topics(&producer, &topics)?;
     resume::restore(&table.store, &endpoints.brokers, resume, registry.as_ref())?;
 
     let dead_letters = |source_topic: &str| {

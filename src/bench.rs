@@ -15,7 +15,7 @@ use crate::error::PipelineError;
 use crate::gen::{GenOptions, Generator, Publisher};
 use crate::http::Health;
 use crate::registry::{EmbeddedRegistry, HttpRegistry};
-use crate::sink::{ensure_topics, producer_config};
+use crate::sink::{ensure_topics, producer_config, TopicSpec};
 
 /// What one benchmark run measured.
 #[derive(Debug, Clone)]
@@ -74,12 +74,12 @@ pub fn run(brokers: &str, events: u64, partitions: i32) -> Result<BenchReport, P
     topology.state.dir = state.clone();
     topology.time.idle_timeout = Duration::from_secs(2);
 
-    ensure_topics(
-        &producer_config(brokers, &Default::default()),
-        &[&topic],
+    let input = TopicSpec {
+        name: &topic,
         partitions,
-        &[],
-    )?;
+        configs: &[],
+    };
+    ensure_topics(&producer_config(brokers, &Default::default()), &[input])?;
     let started = Instant::now();
     {
         let http_registry = HttpRegistry::new(&registry.url())?;

@@ -305,14 +305,18 @@ pub fn flush_and_check(producer: &ThreadedProducer<DeliveryTracker>) -> Result<(
 /// Topic setting of compacted topics (a table's output: the latest value per key is kept).
 pub const COMPACTED: &[(&str, &str)] = &[("cleanup.policy", "compact")];
 
-/// Creates `topics` with `partitions` partitions and the topic settings `configs` where they
-/// do not exist yet. Brokers that cannot create topics (or auto-create them) only get a warning.
-pub fn ensure_topics(
-    config: &ClientConfig,
-    topics: &[&str],
-    partitions: i32,
-    configs: &[(&str, &str)],
-) -> Result<(), PipelineError> {
+/// A topic Marquee creates when it is missing.
+#[derive(Debug, Clone, Copy)]
+pub struct TopicSpec<'a> {
+    pub name: &'a str,
+    pub partitions: i32,
+    /// Topic settings, e.g. [`COMPACTED`].
+    pub configs: &'a [(&'a str, &'a str)],
+}
+
+/// Creates the `topics` that do not exist yet, with one cluster round trip for those that do.
+/// Brokers that cannot create topics (or auto-create them) only get a warning.
+pub fn ensure_topics(config: &ClientConfig, topics: &[TopicSpec<'_>]) -> Result<(), PipelineError> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     let admin: AdminClient<rdkafka::client::DefaultClientContext> = config
         .create()
@@ -346,10 +350,10 @@ pub fn ensure_topics(
     };
     let new: Vec<_> = topics
         .iter()
-        .filter(|t| !exists(t))
+        .filter(|t| !exists(t.name))
         .map(|t| {
-            configs.iter().fold(
-                NewTopic::new(t, partitions, TopicReplication::Fixed(1)),
+            t.configs.iter().fold(
+                NewTopic::new(t.name, t.partitions, TopicReplication::Fixed(1)),
                 |topic, (k, v)| topic.set(k, v),
             )
         })
@@ -371,7 +375,7 @@ pub fn ensure_topics(
         Ok(results) => {
             for result in results {
                 match result {
-                    Ok(topic) => tracing::info!(topic, partitions, "created topic"),
+                    Ok(topic) => tracing::info!(topic, "created topic"),
                     Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                     Err((topic, code)) => {
                         tracing::warn!(topic, %code, "cannot create topic; expecting it to exist")

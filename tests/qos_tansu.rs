@@ -248,18 +248,11 @@ fn sigkill_and_restart_ends_with_the_same_records() {
         });
         send(chunk);
         std::thread::sleep(Duration::from_millis(300));
-        child.0.kill().unwrap();
-        child.0.wait().unwrap();
+        child.kill();
     }
     let mut child = spawn();
     let (results, late) = read_outputs(&brokers, &topology, &expected, Duration::from_secs(180));
-    // SIGTERM: a clean stop.
-    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
-    let status = child.0.wait().unwrap();
-    assert!(
-        status.success(),
-        "marquee exits cleanly on SIGTERM: {status}"
-    );
+    child.terminate();
 
     assert_results_equal(&results_by_key(&results), &expected.results);
     assert_eq!(

@@ -10,7 +10,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{broker, free_port, http_get, read_topic, registry, unique, wait_for, KillOnDrop};
+use common::{
+    broker, free_port, http_get, read_topic, registry, unique, wait_for, wait_ready, KillOnDrop,
+};
 use marquee::gen::{GenOptions, Generator, Publisher};
 use marquee::record::{PlaybackEvent, ResumePosition};
 use marquee::registry::HttpRegistry;
@@ -291,14 +293,7 @@ fn resume_table_survives_disorder_sigkill_and_a_wiped_state_directory() {
     // The rate limit: far fewer output records than applied updates, the rest suppressed.
     let applied = metric(&metrics, "marquee_table_updates_total{outcome=\"applied\"}");
     let suppressed = metric(&metrics, "marquee_table_emits_suppressed_total");
-    let published = read_topic(
-        &brokers,
-        &topic,
-        1,
-        Duration::from_millis(500),
-        Duration::from_secs(10),
-    )
-    .len();
+    let published = topic_len(&topic, 1);
     assert!(
         suppressed > 0.0,
         "updates within the emit interval are coalesced"
@@ -309,59 +304,80 @@ fn resume_table_survives_disorder_sigkill_and_a_wiped_state_directory() {
     );
 
     // A new machine: SIGKILL, wipe the state, restart: the table comes back from the topic.
-    child.0.kill().unwrap();
-    child.0.wait().unwrap();
+    child.kill();
     std::fs::remove_dir_all(&state).unwrap();
     let http = format!("127.0.0.1:{}", free_port());
     let mut child = spawn(&file, &http);
-    wait_for(
-        "readiness after the restore",
-        Duration::from_secs(60),
-        || (http_get(&http, "/readyz").0 == 200).then_some(()),
-    );
+    wait_ready(&http, Duration::from_secs(60));
     wait_for(
         "the restored table to answer like before",
         Duration::from_secs(30),
         || http_matches(&http, &expected).ok(),
     );
     let (_, metrics) = http_get(&http, "/metrics");
+    let restored = metric(&metrics, "marquee_table_restored_records_total");
     assert!(
-        metrics.contains("marquee_table_restored_records_total"),
-        "restore is measured"
+        restored >= expected.len() as f64,
+        "the table came back from the topic ({restored} records for {} keys)",
+        expected.len()
     );
 
     // A restart on the existing directory neither replays nor re-emits the table.
-    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
-    assert!(child.0.wait().unwrap().success());
-    let before = read_topic(
-        &brokers,
-        &topic,
-        1,
-        Duration::from_millis(500),
-        Duration::from_secs(10),
-    )
-    .len();
+    child.terminate();
+    let before = topic_len(&topic, 1);
     let http = format!("127.0.0.1:{}", free_port());
     let mut child = spawn(&file, &http);
-    wait_for(
-        "readiness on the existing directory",
-        Duration::from_secs(60),
-        || (http_get(&http, "/readyz").0 == 200).then_some(()),
-    );
+    wait_ready(&http, Duration::from_secs(60));
     http_matches(&http, &expected).unwrap();
     std::thread::sleep(Duration::from_secs(2));
-    let after = read_topic(
-        &brokers,
-        &topic,
-        before,
-        Duration::from_millis(500),
-        Duration::from_secs(10),
-    )
-    .len();
-    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
-    assert!(child.0.wait().unwrap().success());
+    let after = topic_len(&topic, before);
+    child.terminate();
     assert_eq!(
         after, before,
         "no records re-emitted after a restart on the same state"
     );
+
+    // Retention: an event 100 days newer in one table partition expires that partition's other
+    // entries (90 days without an update) with tombstones; other partitions keep theirs.
+    let mut future = finished.clone();
+    future.title_id = "title-new".into();
+    future.event_id = "zz-future".into();
+    future.event_time += 100 * 86_400_000;
+    publisher.send(&future).unwrap();
+    publisher.flush().unwrap();
+    let expiring = marquee::gen::partition_for(&future.profile_id, 3);
+    let future_key = format!("{}/{}", future.profile_id, future.title_id);
+    let mut child = spawn(&file, &format!("127.0.0.1:{}", free_port()));
+    wait_for(
+        "the new entry to be published",
+        Duration::from_secs(60),
+        || {
+            topic_table(&topic, 1)
+                .contains_key(&future_key)
+                .then_some(())
+        },
+    );
+    child.terminate(); // expiry runs at least at every clean shutdown
+    let table = topic_table(&topic, 1);
+    for (key, position) in &expected {
+        let in_expiring = marquee::gen::partition_for(&position.profile_id, 3) == expiring;
+        assert_eq!(
+            table.contains_key(key),
+            !in_expiring,
+            "{key}: expired only in partition {expiring}"
+        );
+    }
+    assert!(table.contains_key(&future_key));
+}
+
+/// Number of records in `topic` (at least `at_least`, once it stops growing).
+fn topic_len(topic: &str, at_least: usize) -> usize {
+    read_topic(
+        &broker().addr,
+        topic,
+        at_least,
+        Duration::from_millis(500),
+        Duration::from_secs(10),
+    )
+    .len()
 }

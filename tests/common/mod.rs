@@ -138,8 +138,12 @@ pub fn unique(prefix: &str) -> String {
 /// Creates `topic` with `partitions` partitions and waits until its metadata shows them.
 pub fn create_topic(brokers: &str, topic: &str, partitions: i32) {
     let config = marquee::sink::producer_config(brokers, &Default::default());
-    marquee::sink::ensure_topics(&config, &[topic], partitions, &[])
-        .expect("the test broker is reachable");
+    let spec = marquee::sink::TopicSpec {
+        name: topic,
+        partitions,
+        configs: &[],
+    };
+    marquee::sink::ensure_topics(&config, &[spec]).expect("the test broker is reachable");
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
@@ -275,6 +279,32 @@ pub fn decode_qos(value: &[u8]) -> marquee::record::QosWindow {
 
 /// A child process killed when the test ends, even by a panic.
 pub struct KillOnDrop(pub std::process::Child);
+
+impl KillOnDrop {
+    /// SIGKILL: the process dies without any chance to flush or checkpoint.
+    pub fn kill(&mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+
+    /// SIGTERM, and the process must exit cleanly.
+    pub fn terminate(&mut self) {
+        // SAFETY: kill(2) on a child we spawned and have not reaped.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let status = self.0.wait().unwrap();
+        assert!(
+            status.success(),
+            "marquee exits cleanly on SIGTERM: {status}"
+        );
+    }
+}
+
+/// Waits until `/readyz` on `http` answers 200.
+pub fn wait_ready(http: &str, timeout: Duration) {
+    wait_for(&format!("readiness of {http}"), timeout, || {
+        (http_get(http, "/readyz").0 == 200).then_some(())
+    });
+}
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
