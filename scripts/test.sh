@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the tests need (build dependencies, the Tansu broker) and runs every check:
+# Installs what the tests need (build dependencies, Apache Kafka, the Tansu broker) and runs every check:
 # formatting, clippy, unit, property and integration tests on real components.
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
@@ -9,6 +9,9 @@ if [ ! -x "$tansu_bin" ] && ! command -v tansu >/dev/null 2>&1; then
   echo "installing the Tansu Kafka broker for the integration tests (several minutes)" >&2
   cargo install tansu --locked --features dynostore
 fi
+
+# Apache Kafka 4.4 for the tests that need the broker users run (jars from Maven Central).
+bash scripts/kafka.sh >/dev/null
 
 cargo fmt --check
 cargo clippy --release --all-targets --quiet -- -D warnings

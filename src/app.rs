@@ -153,11 +153,13 @@ fn run_qos(
         registry.as_ref(),
         QOS_WINDOW_SCHEMA,
     )?;
-    let consumer = consumer_config(
+    let mut consumer = consumer_config(
         &endpoints.brokers,
         &topology.group_id(),
         &topology.source.kafka,
     );
+    // Idle means caught up: partition EOF says the consumer has read all the broker holds.
+    consumer.set("enable.partition.eof", "true");
     let source = Source::subscribe(&consumer, &topology.source.topic)?;
     tracing::info!(
         topology = %topology.name,

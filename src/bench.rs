@@ -12,15 +12,32 @@ use tokio_util::sync::CancellationToken;
 use crate::app::{self, Endpoints};
 use crate::config::Topology;
 use crate::error::PipelineError;
-use crate::gen::{GenOptions, Generator, Publisher};
+use crate::gen::{partition_for, skewed_partition, GenOptions, Generator, Publisher};
 use crate::http::Health;
 use crate::registry::{EmbeddedRegistry, HttpRegistry};
 use crate::sink::{ensure_topics, producer_config, TopicSpec};
+
+/// What to preload and how to run the pipeline over it.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Events to preload and process.
+    pub events: u64,
+    /// Partitions of the preloaded topic.
+    pub partitions: i32,
+    /// Share of sessions on partition 0 (a hot partition); `None` spreads them evenly.
+    pub hot_share: Option<f64>,
+    /// Watermark alignment's `max_partition_drift`; `None` keeps the topology's.
+    pub max_partition_drift: Option<Duration>,
+}
 
 /// What one benchmark run measured.
 #[derive(Debug, Clone)]
 pub struct BenchReport {
     pub events: u64,
+    /// Times watermark alignment paused a partition.
+    pub pauses: u64,
+    /// Seeks after a broker skipped past a partition's position.
+    pub seeks: u64,
     pub preload_secs: f64,
     pub wall_secs: f64,
     pub cpu_secs: f64,
@@ -47,13 +64,24 @@ impl std::fmt::Display for BenchReport {
             "events per CPU-second     {:.0}",
             self.events as f64 / self.cpu_secs
         )?;
-        write!(f, "peak RSS (pipeline phase) {:.0} MiB", self.peak_rss_mib)
+        writeln!(f, "peak RSS (pipeline phase) {:.0} MiB", self.peak_rss_mib)?;
+        write!(
+            f,
+            "alignment                 {} pause(s), {} seek(s) back",
+            self.pauses, self.seeks
+        )
     }
 }
 
-/// Preloads `events` generated events into a fresh `partitions`-partition topic on `brokers`,
-/// then measures the pipeline consuming them.
-pub fn run(brokers: &str, events: u64, partitions: i32) -> Result<BenchReport, PipelineError> {
+/// A pipeline that handles no record for this long has stalled: the benchmark fails.
+const STALL: Duration = Duration::from_secs(60);
+
+/// Preloads generated events into a fresh topic on `brokers`, then measures the pipeline
+/// consuming them; fails if it does not handle every one.
+pub fn run(brokers: &str, options: &BenchOptions) -> Result<BenchReport, PipelineError> {
+    let BenchOptions {
+        events, partitions, ..
+    } = *options;
     let registry = EmbeddedRegistry::start()
         .map_err(|e| PipelineError::Other(format!("embedded registry: {e}")))?;
     let topic = format!(
@@ -73,6 +101,9 @@ pub fn run(brokers: &str, events: u64, partitions: i32) -> Result<BenchReport, P
     topology.sink.dead_letter_topic = format!("{topic}-dead");
     topology.state.dir = state.clone();
     topology.time.idle_timeout = Duration::from_secs(2);
+    if let Some(drift) = options.max_partition_drift {
+        topology.time.max_partition_drift = drift;
+    }
 
     let input = TopicSpec {
         name: &topic,
@@ -84,13 +115,17 @@ pub fn run(brokers: &str, events: u64, partitions: i32) -> Result<BenchReport, P
     {
         let http_registry = HttpRegistry::new(&registry.url())?;
         let publisher = Publisher::new(brokers, &http_registry, &topic, Some(partitions))?;
-        let options = GenOptions {
+        let gen = GenOptions {
             session_interval_ms: 20,
             late_share: 0.001,
             ..GenOptions::default()
         };
-        for arrival in Generator::new(options).take(events as usize) {
-            publisher.send(&arrival.event)?;
+        for arrival in Generator::new(gen).take(events as usize) {
+            let partition = match options.hot_share {
+                Some(share) => skewed_partition(&arrival.event.session_id, partitions, share),
+                None => partition_for(&arrival.event.session_id, partitions),
+            };
+            publisher.send_to(&arrival.event, Some(partition))?;
         }
         publisher.flush()?;
     }
@@ -111,9 +146,19 @@ pub fn run(brokers: &str, events: u64, partitions: i32) -> Result<BenchReport, P
         let (health, shutdown) = (Arc::clone(&health), shutdown.clone());
         std::thread::spawn(move || app::run(&topology, &endpoints, &shutdown, health, None))
     };
+    let mut progress = (0, Instant::now());
     while health.processed() < events {
         if pipeline.is_finished() {
             break;
+        }
+        let processed = health.processed();
+        if processed != progress.0 {
+            progress = (processed, Instant::now());
+        } else if progress.1.elapsed() > STALL {
+            shutdown.cancel();
+            return Err(PipelineError::Other(format!(
+                "the pipeline handled {processed} of {events} events and then nothing for {STALL:?}"
+            )));
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -126,13 +171,25 @@ pub fn run(brokers: &str, events: u64, partitions: i32) -> Result<BenchReport, P
         .unwrap_or_else(|_| Err(PipelineError::Other("pipeline panicked".into())));
     let _ = std::fs::remove_dir_all(&state);
     outcome?;
+    let page = crate::metrics::install().render();
+    let label = format!("topic=\"{topic}\"");
     Ok(BenchReport {
         events: health.processed(),
+        pauses: metric_sum(&page, "marquee_partition_pauses_total", &label),
+        seeks: metric_sum(&page, "marquee_partition_seeks_total", &label),
         preload_secs,
         wall_secs,
         cpu_secs,
         peak_rss_mib,
     })
+}
+
+/// Sum of the samples of counter `name` with `label` in a Prometheus text page.
+fn metric_sum(page: &str, name: &str, label: &str) -> u64 {
+    page.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
 
 fn tempdir_path(prefix: &str) -> std::path::PathBuf {

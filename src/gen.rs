@@ -301,6 +301,18 @@ pub fn partition_for(key: &str, partitions: i32) -> i32 {
 }
 
 /// Publishes generated events to Kafka as Confluent-framed Avro, keyed by session.
+/// A partition for `key` that puts `hot_share` (0..1) of all keys on partition 0 and spreads
+/// the rest over the others: a hot partition, whose event time advances slowest while a
+/// backlog is read.
+pub fn skewed_partition(key: &str, partitions: i32, hot_share: f64) -> i32 {
+    let bucket = partition_for(key, 1_000);
+    if partitions <= 1 || f64::from(bucket) < hot_share * 1_000.0 {
+        0
+    } else {
+        1 + bucket % (partitions - 1)
+    }
+}
+
 pub struct Publisher {
     producer: rdkafka::producer::ThreadedProducer<crate::sink::DeliveryTracker>,
     encoder: crate::sink::AvroEncoder,
@@ -337,12 +349,22 @@ impl Publisher {
 
     /// Sends one event (asynchronously).
     pub fn send(&self, event: &PlaybackEvent) -> Result<(), crate::error::PipelineError> {
+        let partition = self.partitions.map(|n| partition_for(&event.session_id, n));
+        self.send_to(event, partition)
+    }
+
+    /// Sends one event to `partition` (or where librdkafka's partitioner puts it).
+    pub fn send_to(
+        &self,
+        event: &PlaybackEvent,
+        partition: Option<i32>,
+    ) -> Result<(), crate::error::PipelineError> {
         let value = self.encoder.encode(event)?;
         let mut record = rdkafka::producer::BaseRecord::to(&self.topic)
             .key(event.session_id.as_bytes())
             .payload(&value);
-        if let Some(n) = self.partitions {
-            record = record.partition(partition_for(&event.session_id, n));
+        if let Some(p) = partition {
+            record = record.partition(p);
         }
         crate::sink::send_with_backpressure(&self.producer, record)
     }

@@ -118,6 +118,13 @@ enum Command {
         /// Partitions of the preloaded topic.
         #[arg(long, default_value_t = 4)]
         partitions: i32,
+        /// Put this share (0..1) of the sessions on partition 0: a hot partition that
+        /// watermark alignment waits for while it pauses the others.
+        #[arg(long)]
+        hot_share: Option<f64>,
+        /// Override the topology's `max_partition_drift` (e.g. `1m`; `30d` never pauses).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        max_partition_drift: Option<std::time::Duration>,
     },
 }
 
@@ -235,9 +242,16 @@ fn main() -> anyhow::Result<()> {
             brokers,
             events,
             partitions,
+            hot_share,
+            max_partition_drift,
         } => {
-            let report =
-                marquee::bench::run(&brokers, events, partitions).context("benchmark failed")?;
+            let options = marquee::bench::BenchOptions {
+                events,
+                partitions,
+                hot_share,
+                max_partition_drift,
+            };
+            let report = marquee::bench::run(&brokers, &options).context("benchmark failed")?;
             println!("{report}");
         }
     }

@@ -37,6 +37,8 @@ pub struct PartitionCounters {
     watermark: Gauge,
     watermark_lag: Gauge,
     paused: Gauge,
+    pauses: Counter,
+    seeks: Counter,
     idle: Gauge,
     pending: PendingCounts,
 }
@@ -66,6 +68,8 @@ impl PartitionCounters {
             watermark: gauge!("marquee_watermark_timestamp_seconds", &labels),
             watermark_lag: gauge!("marquee_watermark_lag_seconds", &labels),
             paused: gauge!("marquee_partition_paused", &labels),
+            pauses: counter!("marquee_partition_pauses_total", &labels),
+            seeks: counter!("marquee_partition_seeks_total", &labels),
             idle: gauge!("marquee_partition_idle", &labels),
             pending: PendingCounts::default(),
         }
@@ -84,6 +88,16 @@ impl PartitionCounters {
     /// One late record sent to the late topic.
     pub fn late(&mut self) {
         self.pending.late += 1;
+    }
+
+    /// Watermark alignment paused the partition.
+    pub fn paused_by_alignment(&mut self) {
+        self.pauses.increment(1);
+    }
+
+    /// The broker skipped past the partition's position and it was sought back.
+    pub fn sought_back(&mut self) {
+        self.seeks.increment(1);
     }
 
     /// One record sent to the dead-letter topic for `reason`.

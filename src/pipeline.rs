@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rocksdb::WriteBatch;
 use tokio_util::sync::CancellationToken;
@@ -28,7 +29,7 @@ use crate::http::Health;
 use crate::metrics::{self, PartitionCounters};
 use crate::record::{Origin, QosWindow};
 use crate::sink::Sink;
-use crate::source::{Assignment, Source};
+use crate::source::{Assignment, Landing, Reposition, Source};
 use crate::state::{PartitionMeta, Store};
 use crate::watermark::Watermarks;
 use crate::window::{slot, PartitionWindows, WindowPartial, WindowSpec};
@@ -40,6 +41,11 @@ const STAGE: &str = "qos";
 const TICK_RECORDS: u32 = 4096;
 /// Longest time between watermark ticks.
 const TICK_INTERVAL: Duration = Duration::from_millis(100);
+/// A gap between ticks longer than this is a stall of Marquee itself, not quiet of the data.
+const STALL_GAP: Duration = Duration::from_secs(1);
+/// How long a repositioned partition may deliver nothing while the broker holds records past
+/// its position before it is sought back (see [`Reposition`]).
+const REPOSITION_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Called with every final result as it is emitted (the demo prints them).
 pub type ResultHook = Box<dyn FnMut(&QosWindow) + Send>;
@@ -52,6 +58,9 @@ struct PartitionState {
     next_offset: Option<i64>,
     /// Paused by watermark alignment.
     paused: bool,
+    /// Set when the fetch position moved (assignment, resume): where the partition must
+    /// continue, checked on its first record.
+    reposition: Option<Reposition>,
     counters: PartitionCounters,
 }
 
@@ -76,6 +85,8 @@ struct Core {
     now: Instant,
     /// Records processed since the last tick.
     processed: u64,
+    /// Seeks owed to partitions whose broker skipped past the position they need.
+    seeks: Vec<(i32, i64)>,
 }
 
 /// A running pipeline instance.
@@ -117,6 +128,7 @@ impl Pipeline {
                 on_result: None,
                 now: Instant::now(),
                 processed: 0,
+                seeks: Vec::new(),
             },
             source,
             max_drift: time.max_partition_drift.as_millis() as i64,
@@ -146,9 +158,11 @@ impl Pipeline {
                     self.core.handle(&message)?;
                     since_tick += 1;
                 }
+                Some(Err(KafkaError::PartitionEOF(p))) => self.core.marks.set_caught_up(p, true),
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error; librdkafka retries"),
                 None => since_tick = TICK_RECORDS,
             }
+            self.core.apply_seeks(&self.source)?;
             if since_tick >= TICK_RECORDS || last_tick.elapsed() >= TICK_INTERVAL {
                 self.tick()?;
                 since_tick = 0;
@@ -168,7 +182,15 @@ impl Pipeline {
     /// Recomputes watermarks, emits closed windows, pauses or resumes partitions for alignment.
     fn tick(&mut self) -> Result<(), PipelineError> {
         let core = &mut self.core;
-        core.now = Instant::now();
+        let now = Instant::now();
+        if now.saturating_duration_since(core.now) > STALL_GAP {
+            core.marks.stalled(now);
+            tracing::info!(
+                stalled = ?now.saturating_duration_since(core.now),
+                "Marquee did not look at its partitions for a while; idle clocks start again"
+            );
+        }
+        core.now = now;
         self.health
             .add_processed(std::mem::take(&mut core.processed));
         let Some(watermark) = core.marks.operator(core.now) else {
@@ -177,21 +199,46 @@ impl Pipeline {
         tracing::trace!(watermark, closed_through = core.closed_through, "tick");
         core.close_windows(watermark)?;
         let now_ms = wall_clock_ms();
+        let floor = core.marks.alignment_floor();
         for (&p, part) in core.parts.iter_mut() {
             let own = core.marks.partition(p);
             // A partition far ahead of the slowest one only grows open-window state: let the
             // others catch up first. Catching up never changes results, only memory.
-            let ahead =
-                watermark != i64::MIN && own != i64::MIN && own - watermark > self.max_drift;
+            let ahead = floor
+                .is_some_and(|floor| own != i64::MIN && own.saturating_sub(floor) > self.max_drift);
             if ahead != part.paused {
                 self.source.set_paused(p, ahead)?;
                 core.marks.set_paused(p, ahead, core.now);
                 part.paused = ahead;
+                if ahead {
+                    part.counters.paused_by_alignment();
+                } else if let Some(next) = part.next_offset {
+                    // librdkafka resumes at the record after the last one handed out, but
+                    // not every broker serves a fetch from there: check where it lands.
+                    part.reposition
+                        .get_or_insert_with(|| Reposition::new(next, core.now));
+                }
                 tracing::debug!(partition = p, paused = ahead, "watermark alignment");
+            }
+            if !part.paused {
+                let high = self.source.cached_high_watermark(p);
+                let silent = part.reposition.as_mut().and_then(|r| {
+                    r.silent(high, REPOSITION_PATIENCE, core.now)
+                        .map(|landing| (landing, r.target))
+                });
+                match silent {
+                    Some((Landing::SeekBack(to), _)) => core.seeks.push((p, to)),
+                    Some((Landing::Missing, target)) => {
+                        missing(p, target, high.unwrap_or(target));
+                        part.reposition = None;
+                    }
+                    _ => {}
+                }
             }
             let idle = core.marks.is_idle(p, core.now);
             part.counters.publish(own, now_ms, part.paused, idle);
         }
+        core.apply_seeks(&self.source)?;
         let open: usize = core.parts.values().map(|p| p.windows.windows.len()).sum();
         metrics::windows_open(open);
         Ok(())
@@ -270,6 +317,7 @@ impl Core {
                 windows,
                 next_offset: meta.map(|m| m.next_offset),
                 paused: false,
+                reposition: meta.map(|m| Reposition::new(m.next_offset, self.now)),
                 counters: PartitionCounters::new(&self.topic, p),
             },
         );
@@ -286,6 +334,20 @@ impl Core {
             return Ok(());
         };
         let offset = message.offset();
+        if let Some(reposition) = part.reposition.as_mut() {
+            match reposition.landed(offset, self.now) {
+                Landing::Continuous => part.reposition = None,
+                Landing::SeekBack(to) => {
+                    // Not handled: the seek serves this record again after the skipped ones.
+                    self.seeks.push((p, to));
+                    return Ok(());
+                }
+                Landing::Missing => {
+                    missing(p, reposition.target, offset);
+                    part.reposition = None;
+                }
+            }
+        }
         if part.next_offset.is_some_and(|next| offset < next) {
             return Ok(()); // already reflected in the checkpointed state
         }
@@ -329,6 +391,24 @@ impl Core {
             part.windows.add(&self.spec, &self.dimensions, &event);
         }
         self.marks.observe(p, event.event_time);
+        Ok(())
+    }
+
+    /// Seeks the partitions whose broker skipped past their position further back.
+    fn apply_seeks(&mut self, source: &Source) -> Result<(), PipelineError> {
+        for (p, offset) in self.seeks.drain(..) {
+            let Some(part) = self.parts.get_mut(&p) else {
+                continue;
+            };
+            tracing::debug!(
+                partition = p,
+                offset,
+                next = ?part.next_offset,
+                "the broker continued past this partition's position; seeking back"
+            );
+            part.counters.sought_back();
+            source.seek(p, offset)?;
+        }
         Ok(())
     }
 
@@ -407,6 +487,17 @@ impl Core {
         metrics::state_size(self.store.size_bytes());
         Ok(offsets)
     }
+}
+
+/// Offsets `from..to` of `partition` were asked for and are not on the broker.
+fn missing(partition: i32, from: i64, to: i64) {
+    tracing::warn!(
+        partition,
+        from,
+        to,
+        "these offsets are not on the broker even when read from offset 0 \
+         (deleted by retention or compaction?); continuing after them"
+    );
 }
 
 /// Milliseconds since the Unix epoch.

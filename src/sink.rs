@@ -318,7 +318,11 @@ pub struct TopicSpec<'a> {
 /// Brokers that cannot create topics (or auto-create them) only get a warning.
 pub fn ensure_topics(config: &ClientConfig, topics: &[TopicSpec<'_>]) -> Result<(), PipelineError> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    // A metadata request for a missing topic must not create it with the broker's default
+    // partition count before CreateTopics asks for the configured one.
     let admin: AdminClient<rdkafka::client::DefaultClientContext> = config
+        .clone()
+        .set("allow.auto.create.topics", "false")
         .create()
         .map_err(PipelineError::kafka("creating an admin client"))?;
     let brokers = config.get("bootstrap.servers").unwrap_or_default();
@@ -371,19 +375,37 @@ pub fn ensure_topics(config: &ClientConfig, topics: &[TopicSpec<'_>]) -> Result<
     let options = AdminOptions::new()
         .operation_timeout(timeout)
         .request_timeout(timeout);
-    match runtime.block_on(admin.create_topics(&new, &options)) {
-        Ok(results) => {
-            for result in results {
-                match result {
-                    Ok(topic) => tracing::info!(topic, "created topic"),
-                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                    Err((topic, code)) => {
-                        tracing::warn!(topic, %code, "cannot create topic; expecting it to exist")
-                    }
+    let failed: Vec<&str> = match runtime.block_on(admin.create_topics(&new, &options)) {
+        Ok(results) => results
+            .into_iter()
+            .filter_map(|result| match result {
+                Ok(topic) => {
+                    tracing::info!(topic, "created topic");
+                    None
                 }
-            }
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => None,
+                Err((topic, code)) => {
+                    tracing::warn!(topic, %code, "cannot create topic");
+                    topics.iter().map(|t| t.name).find(|n| *n == topic)
+                }
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot create topics");
+            new.iter().map(|t| t.name).collect()
         }
-        Err(e) => tracing::warn!(error = %e, "cannot create topics; expecting them to exist"),
+    };
+    // Brokers without CreateTopics (librdkafka's mock cluster) create a topic when a client
+    // that allows it asks for its metadata.
+    if !failed.is_empty() {
+        let creator: rdkafka::producer::BaseProducer = config
+            .create()
+            .map_err(PipelineError::kafka("creating a metadata client"))?;
+        for topic in failed {
+            let _ = creator
+                .client()
+                .fetch_metadata(Some(topic), Duration::from_secs(5));
+        }
     }
     Ok(())
 }

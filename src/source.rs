@@ -6,8 +6,9 @@
 //! lets lag monitoring and a new instance start near the right place.
 
 use std::collections::BTreeMap;
+use std::ffi::CString;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
@@ -158,6 +159,39 @@ impl Source {
         )))
     }
 
+    /// Moves the fetch position of `partition` to `offset`; records fetched before are dropped.
+    pub fn seek(&self, partition: i32, offset: i64) -> Result<(), PipelineError> {
+        self.consumer
+            .seek(
+                &self.topic,
+                partition,
+                Offset::Offset(offset),
+                Duration::from_secs(10),
+            )
+            .map_err(PipelineError::kafka(format!(
+                "seeking partition {partition} to offset {offset}"
+            )))
+    }
+
+    /// The broker's high watermark of `partition` as of the last fetch response (no round trip).
+    pub fn cached_high_watermark(&self, partition: i32) -> Option<i64> {
+        let topic = CString::new(self.topic.as_str()).ok()?;
+        let (mut low, mut high) = (-1i64, -1i64);
+        // SAFETY: the client pointer lives as long as `self.consumer`; the topic is a valid C
+        // string for the call and the out-parameters are plain integers.
+        let err = unsafe {
+            rdkafka::bindings::rd_kafka_get_watermark_offsets(
+                self.consumer.client().native_ptr(),
+                topic.as_ptr(),
+                partition,
+                &mut low,
+                &mut high,
+            )
+        };
+        (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+            .then_some(high)
+    }
+
     /// Commits next offsets asynchronously (for lag monitoring and new group members).
     pub fn commit(&self, offsets: impl IntoIterator<Item = (i32, i64)>) {
         let mut tpl = TopicPartitionList::new();
@@ -169,5 +203,129 @@ impl Source {
                 tracing::debug!(error = %e, "offset commit failed; it is retried at the next checkpoint");
             }
         }
+    }
+}
+
+/// First distance a skipped position is sought back by; it grows fourfold per attempt.
+const SEEK_BACK_FIRST: i64 = 1024;
+
+/// Checks that a partition whose fetch position moved (assignment, resume after an alignment
+/// pause) continues exactly at the next offset Marquee needs.
+///
+/// Some brokers cannot serve a fetch that starts inside a record batch: Tansu 0.6 answers with
+/// the next batch (or nothing), so the records after the position are silently skipped. When
+/// the first record lies past the target, or nothing arrives although the broker holds more,
+/// the partition is sought back further and further until the broker serves a record at or
+/// before the target; the caller skips the records before it. Records that are truly gone
+/// (retention, compaction) are reported once the search has reached offset 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reposition {
+    /// The offset the partition must continue at.
+    pub target: i64,
+    /// How far before `target` the last seek went (`None`: no seek yet).
+    back: Option<i64>,
+    /// When the position last moved, to notice a partition that delivers nothing.
+    since: Instant,
+}
+
+/// What the first record (or the silence) after a position change means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Landing {
+    /// At or before the target: the stream is continuous from here.
+    Continuous,
+    /// Past the target: seek to this offset and look again.
+    SeekBack(i64),
+    /// Past the target even when read from offset 0: these records are not on the broker.
+    Missing,
+}
+
+impl Reposition {
+    /// Expects the partition to continue at `target`.
+    pub fn new(target: i64, now: Instant) -> Self {
+        Self {
+            target,
+            back: None,
+            since: now,
+        }
+    }
+
+    /// The first record after the position change is at `offset`.
+    pub fn landed(&mut self, offset: i64, now: Instant) -> Landing {
+        if offset <= self.target {
+            return Landing::Continuous;
+        }
+        self.step_back(now)
+    }
+
+    /// Nothing arrived since the position changed; `high_watermark` is what the broker holds.
+    /// Returns a seek when the broker holds records at or after the target but served none of
+    /// them for `patience`.
+    pub fn silent(
+        &mut self,
+        high_watermark: Option<i64>,
+        patience: Duration,
+        now: Instant,
+    ) -> Option<Landing> {
+        let waiting = now.saturating_duration_since(self.since) >= patience;
+        (waiting && high_watermark.is_some_and(|h| h > self.target)).then(|| self.step_back(now))
+    }
+
+    fn step_back(&mut self, now: Instant) -> Landing {
+        if self.back.is_some_and(|b| b >= self.target) {
+            return Landing::Missing;
+        }
+        let back = self
+            .back
+            .map_or(SEEK_BACK_FIRST, |b| b.saturating_mul(4))
+            .min(self.target);
+        self.back = Some(back);
+        self.since = now;
+        Landing::SeekBack(self.target - back)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_at_or_before_the_target_is_continuous() {
+        let now = Instant::now();
+        assert_eq!(
+            Reposition::new(50, now).landed(50, now),
+            Landing::Continuous
+        );
+        assert_eq!(Reposition::new(50, now).landed(3, now), Landing::Continuous);
+    }
+
+    #[test]
+    fn a_skip_seeks_back_further_each_time_until_offset_zero() {
+        let now = Instant::now();
+        let mut r = Reposition::new(10_000, now);
+        assert_eq!(r.landed(10_500, now), Landing::SeekBack(10_000 - 1024));
+        assert_eq!(r.landed(10_500, now), Landing::SeekBack(10_000 - 4096));
+        assert_eq!(r.landed(10_500, now), Landing::SeekBack(0));
+        assert_eq!(r.landed(10_500, now), Landing::Missing);
+        assert_eq!(r.landed(9_000, now), Landing::Continuous);
+    }
+
+    #[test]
+    fn silence_seeks_back_only_when_the_broker_holds_more() {
+        let now = Instant::now();
+        let patience = Duration::from_secs(1);
+        let mut r = Reposition::new(100, now);
+        let later = now + Duration::from_secs(2);
+        assert_eq!(r.silent(Some(200), patience, now), None, "not yet");
+        assert_eq!(r.silent(Some(100), patience, later), None, "caught up");
+        assert_eq!(r.silent(None, patience, later), None, "unknown");
+        assert_eq!(
+            r.silent(Some(200), patience, later),
+            Some(Landing::SeekBack(0))
+        );
+        assert_eq!(
+            r.silent(Some(200), patience, later),
+            None,
+            "the seek restarted the wait"
+        );
     }
 }

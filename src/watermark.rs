@@ -22,6 +22,8 @@ struct PartitionClock {
     paused: bool,
     /// Owned by this instance; only owned partitions can be seen to be idle.
     owned: bool,
+    /// The consumer has read everything the broker holds for it (as of the last tick).
+    caught_up: bool,
 }
 
 /// Watermarks of the partitions this instance owns.
@@ -49,6 +51,7 @@ impl Watermarks {
             last_activity: now,
             paused: false,
             owned: false,
+            caught_up: false,
         });
     }
 
@@ -61,6 +64,7 @@ impl Watermarks {
                 last_activity: now,
                 paused: false,
                 owned: true,
+                caught_up: false,
             },
         );
     }
@@ -73,9 +77,19 @@ impl Watermarks {
         }
     }
 
-    /// A record arrived on `partition` (decodable or not): it is not idle.
+    /// A record arrived on `partition` (decodable or not): it is neither idle nor caught up.
     pub fn touch(&mut self, partition: i32, now: Instant) {
         if let Some(clock) = self.partitions.get_mut(&partition) {
+            clock.last_activity = now;
+            clock.caught_up = false;
+        }
+    }
+
+    /// Marquee itself did not look at its partitions for a while (a slow flush, a registry
+    /// outage, a long state load, a stopped process): quiet that it could not observe is not
+    /// idleness of the data, so every partition's idle clock starts again.
+    pub fn stalled(&mut self, now: Instant) {
+        for clock in self.partitions.values_mut() {
             clock.last_activity = now;
         }
     }
@@ -99,6 +113,25 @@ impl Watermarks {
         }
     }
 
+    /// The consumer has read everything the broker holds for `partition` (partition EOF).
+    pub fn set_caught_up(&mut self, partition: i32, caught_up: bool) {
+        if let Some(clock) = self.partitions.get_mut(&partition) {
+            clock.caught_up = caught_up;
+        }
+    }
+
+    /// The watermark that alignment holds partitions to: the minimum over owned partitions that
+    /// still have records to read. A partition that has not delivered an event yet counts as
+    /// `i64::MIN`, so the others wait for it rather than run ahead. `None` when no owned
+    /// partition has anything to read.
+    pub fn alignment_floor(&self) -> Option<i64> {
+        self.partitions
+            .iter()
+            .filter(|(_, c)| c.owned && !c.caught_up)
+            .map(|(&p, _)| self.partition(p))
+            .min()
+    }
+
     /// Largest event time delivered on `partition`, as stored in checkpoints.
     pub fn max_event_time(&self, partition: i32) -> Option<i64> {
         self.partitions
@@ -112,12 +145,14 @@ impl Watermarks {
             .map_or(i64::MIN, |m| m.saturating_sub(self.out_of_orderness))
     }
 
-    /// Whether `partition` is owned and has been quiet for the idle timeout (paused partitions
-    /// never are).
+    /// Whether `partition` is idle: owned, caught up with everything the broker holds, and
+    /// without a record for the idle timeout. Paused partitions never are, and neither is a
+    /// partition with records still to read, however long Marquee takes to read them.
     pub fn is_idle(&self, partition: i32, now: Instant) -> bool {
         self.partitions.get(&partition).is_some_and(|c| {
             c.owned
                 && !c.paused
+                && c.caught_up
                 && now.saturating_duration_since(c.last_activity) >= self.idle_timeout
         })
     }
@@ -186,7 +221,8 @@ mod tests {
         w.assign(0, Some(5_000), now);
         w.assign(1, Some(2_000), now);
         assert_eq!(w.operator(now), Some(1_900));
-        // Partition 1 goes quiet; only partition 0 is active after the timeout.
+        // Partition 1 goes quiet at its end; only partition 0 is active after the timeout.
+        w.set_caught_up(1, true);
         let later = now + Duration::from_secs(11);
         w.touch(0, later);
         assert_eq!(w.operator(later), Some(4_900));
@@ -199,6 +235,7 @@ mod tests {
         w.assign(0, Some(5_000), now);
         w.assign(1, None, now);
         assert_eq!(w.operator(now), Some(i64::MIN));
+        w.set_caught_up(1, true);
         let later = now + Duration::from_secs(11);
         w.touch(0, later);
         assert_eq!(w.operator(later), Some(4_900));
@@ -210,11 +247,50 @@ mod tests {
         let mut w = marks();
         w.assign(0, Some(5_000), now);
         w.assign(1, Some(2_000), now);
+        w.set_caught_up(0, true);
+        w.set_caught_up(1, true);
         let later = now + Duration::from_secs(11);
         assert_eq!(w.operator(later), Some(4_900));
         w.set_paused(0, true, now);
         assert!(!w.is_idle(0, later));
         assert_eq!(w.operator(later), Some(4_900));
+    }
+
+    #[test]
+    fn alignment_waits_for_partitions_with_records_to_read_only() {
+        let now = Instant::now();
+        let mut w = marks();
+        w.track(9, Some(0), now); // someone else's: never holds alignment back
+        w.assign(0, Some(5_000), now);
+        w.assign(1, None, now);
+        assert_eq!(w.alignment_floor(), Some(i64::MIN), "1 has not started yet");
+        w.set_caught_up(1, true);
+        assert_eq!(w.alignment_floor(), Some(4_900));
+        w.set_caught_up(0, true);
+        assert_eq!(w.alignment_floor(), None, "nothing left to read");
+        w.touch(1, now);
+        assert_eq!(
+            w.alignment_floor(),
+            Some(i64::MIN),
+            "a record means more may follow"
+        );
+    }
+
+    #[test]
+    fn idle_needs_caught_up_and_a_stall_of_marquee_is_not_quiet() {
+        let now = Instant::now();
+        let mut w = marks();
+        w.assign(0, Some(5_000), now);
+        let later = now + Duration::from_secs(11);
+        assert!(
+            !w.is_idle(0, later),
+            "records may still be waiting on the broker"
+        );
+        w.set_caught_up(0, true);
+        assert!(w.is_idle(0, later));
+        w.stalled(later);
+        assert!(!w.is_idle(0, later + Duration::from_secs(9)));
+        assert!(w.is_idle(0, later + Duration::from_secs(10)));
     }
 
     proptest::proptest! {

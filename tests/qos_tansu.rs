@@ -262,6 +262,13 @@ fn sigkill_and_restart_ends_with_the_same_records() {
     );
 }
 
+/// The same on Tansu, which cannot serve a fetch that starts inside a record batch: a resumed
+/// partition must still continue at exactly the next offset (regression: records were lost).
+#[test]
+fn alignment_pauses_and_resumes_without_losing_a_record() {
+    common::qos::alignment_scenario(&broker().addr);
+}
+
 /// `marquee gen` writes decodable, contract-following events to a topic.
 #[test]
 fn gen_writes_decodable_events() {

@@ -2,6 +2,7 @@
 //! group names that never collide, and a naive reference implementation of the QoS rules.
 #![allow(dead_code)]
 
+pub mod kafka;
 pub mod qos;
 pub mod reference;
 
@@ -334,6 +335,15 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// Sum of the samples of metric `name` whose labels contain `label` (for example
+/// `topic="x"`) in a Prometheus text page.
+pub fn metric_sum(page: &str, name: &str, label: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
 }
 
 /// Polls `check` every 100ms until it returns `Some`, or panics with `what` after `timeout`.

@@ -4,17 +4,18 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use marquee::config::Topology;
 use marquee::decode::{frame, Decoder, PLAYBACK_EVENT_SCHEMA};
-use marquee::gen::{partition_for, GenOptions, Generator};
+use marquee::gen::{partition_for, skewed_partition, GenOptions, Generator};
 use marquee::record::{PlaybackEvent, QosWindow};
 use marquee::registry::{HttpRegistry, SchemaRegistry};
 use marquee::sink::{producer_config, AvroEncoder, DeliveryTracker};
 use rdkafka::producer::{BaseRecord, ThreadedProducer};
 
 use super::reference::{self, Expected, Rules};
-use super::{decode_qos, registry, Consumed};
+use super::{decode_qos, free_port, http_get, metric_sum, registry, unique, Consumed, Running};
 
 pub const RULES: Rules = Rules {
     window: 10_000,
@@ -69,6 +70,26 @@ pub fn dataset(seed: u64, count: usize) -> Vec<(i32, PlaybackEvent)> {
     Generator::new(options)
         .take(count)
         .map(|a| (partition_for(&a.event.session_id, 2), a.event))
+        .collect()
+}
+
+/// Generated events over 4 partitions with 60% of the sessions on partition 0: a hot partition
+/// whose event time advances slowest while the others run ahead (watermark alignment pauses
+/// and resumes them again and again while a backlog is read).
+pub fn hot_dataset(seed: u64, count: usize) -> Vec<(i32, PlaybackEvent)> {
+    let options = GenOptions {
+        seed,
+        session_interval_ms: 200,
+        heartbeat_ms: 10_000,
+        max_watch_ms: 180_000,
+        disorder_ms: 3_000,
+        late_share: 0.01,
+        late_delay_ms: 60_000,
+        ..GenOptions::default()
+    };
+    Generator::new(options)
+        .take(count)
+        .map(|a| (skewed_partition(&a.event.session_id, 4, 0.6), a.event))
         .collect()
 }
 
@@ -220,4 +241,51 @@ pub fn read_outputs(
         Duration::from_secs(30),
     );
     (results, late)
+}
+
+/// Reads a 300,000-record backlog with a hot partition on `brokers` while watermark alignment
+/// pauses and resumes the other partitions again and again: every record is handled exactly
+/// once, so the results and the late topic equal the reference.
+pub fn alignment_scenario(brokers: &str) {
+    let input = unique("hot-events");
+    super::create_topic(brokers, &input, 4);
+    let state = tempfile::tempdir().unwrap();
+    let mut topology = topology(&input, state.path());
+    // Small enough that the partitions ahead of the hot one are paused again and again.
+    topology.time.max_partition_drift = Duration::from_secs(20);
+
+    let events = hot_dataset(23, 300_000);
+    let expected = expected(&events);
+    let feeder = Feeder::new(brokers, &input);
+    for (i, (p, e)) in events.iter().enumerate() {
+        feeder.event(*p, e, i);
+    }
+    feeder.flush();
+
+    let http = format!("127.0.0.1:{}", free_port());
+    let running = Running::start(&topology, brokers, Some(http.parse().unwrap()));
+    let (results, late) = read_outputs(brokers, &topology, &expected, Duration::from_secs(240));
+    let (_, page) = http_get(&http, "/metrics");
+    running.stop();
+
+    let topic_label = format!("topic=\"{input}\"");
+    let pauses = metric_sum(&page, "marquee_partition_pauses_total", &topic_label);
+    assert!(
+        pauses >= 10.0,
+        "alignment paused partitions only {pauses} times; the test needs many pauses"
+    );
+    let handled = metric_sum(&page, "marquee_records_consumed_total", &topic_label);
+    assert_eq!(
+        handled as usize,
+        events.len(),
+        "every produced record is handled exactly once"
+    );
+    assert_results_equal(&results_by_key(&results), &expected.results);
+    assert_eq!(results.len(), expected.results.len());
+    assert_eq!(
+        late_event_ids(&late),
+        expected.late,
+        "the late topic holds exactly the late records"
+    );
+    assert_eq!(late.len(), expected.late.len());
 }
