@@ -52,15 +52,17 @@ pub struct TimeConfig {
     /// How far behind the largest event time seen on a partition its watermark trails.
     #[serde(default = "d5s", deserialize_with = "duration")]
     pub out_of_orderness: Duration,
-    /// A partition without records for this long stops holding the operator watermark back.
+    /// A partition that is caught up (the consumer has read all the broker holds) and has had
+    /// no records for this long stops holding the operator watermark back.
     #[serde(default = "d30s", deserialize_with = "duration")]
     pub idle_timeout: Duration,
     /// Events whose event time is further than this ahead of their Kafka timestamp are
     /// quarantined to the dead-letter topic instead of moving the watermark.
     #[serde(default = "d5m", deserialize_with = "duration")]
     pub max_future_skew: Duration,
-    /// A partition whose watermark runs this far ahead of the slowest owned partition is paused
-    /// until the others catch up (watermark alignment), which bounds open-window state.
+    /// A partition whose watermark runs this far ahead of the slowest owned partition with
+    /// records to read is paused until the others are within half of it (watermark alignment),
+    /// which bounds open-window state while a backlog is read; it never changes results.
     #[serde(default = "d10m", deserialize_with = "duration")]
     pub max_partition_drift: Duration,
 }

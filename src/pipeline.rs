@@ -203,9 +203,16 @@ impl Pipeline {
         for (&p, part) in core.parts.iter_mut() {
             let own = core.marks.partition(p);
             // A partition far ahead of the slowest one only grows open-window state: let the
-            // others catch up first. Catching up never changes results, only memory.
-            let ahead = floor
-                .is_some_and(|floor| own != i64::MIN && own.saturating_sub(floor) > self.max_drift);
+            // others catch up first. Catching up never changes results, only memory. A paused
+            // partition resumes once the others are within half the drift, so that each pause
+            // (a fetch round trip on resume) lets the slow partitions catch up a good way.
+            let limit = if part.paused {
+                self.max_drift / 2
+            } else {
+                self.max_drift
+            };
+            let ahead =
+                floor.is_some_and(|floor| own != i64::MIN && own.saturating_sub(floor) > limit);
             if ahead != part.paused {
                 self.source.set_paused(p, ahead)?;
                 core.marks.set_paused(p, ahead, core.now);

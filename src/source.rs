@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaResult;
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
@@ -31,7 +31,23 @@ pub struct SourceContext {
     events: Mutex<Vec<Assignment>>,
 }
 
-impl ClientContext for SourceContext {}
+impl ClientContext for SourceContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        log_consumer_error(error, reason);
+    }
+}
+
+/// Logs a consumer's client error, except reaching a partition's end: that is how Marquee
+/// learns that a partition is caught up, not a problem.
+pub fn log_consumer_error(error: KafkaError, reason: &str) {
+    let end = matches!(
+        error,
+        KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+    );
+    if !end {
+        tracing::error!(%error, reason, "Kafka consumer error");
+    }
+}
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
