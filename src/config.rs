@@ -57,8 +57,10 @@ pub struct TimeConfig {
     #[serde(default = "d30s", deserialize_with = "duration")]
     pub idle_timeout: Duration,
     /// Events whose event time is further than this ahead of their Kafka timestamp are
-    /// quarantined to the dead-letter topic instead of moving the watermark.
-    #[serde(default = "d5m", deserialize_with = "duration")]
+    /// quarantined to the dead-letter topic instead of moving any watermark. With `[qos]` it
+    /// must stay below `out_of_orderness + qos.grace`: a bound the watermark can absorb, so one
+    /// fast clock never makes other viewers' on-time records late.
+    #[serde(default = "d30s", deserialize_with = "duration")]
     pub max_future_skew: Duration,
     /// A partition whose watermark runs this far ahead of the slowest owned partition with
     /// records to read is paused until the others are within half of it (watermark alignment),
@@ -72,7 +74,7 @@ impl Default for TimeConfig {
         Self {
             out_of_orderness: d5s(),
             idle_timeout: d30s(),
-            max_future_skew: d5m(),
+            max_future_skew: d30s(),
             max_partition_drift: d10m(),
         }
     }
@@ -286,6 +288,17 @@ impl Topology {
         );
         if let Some(qos) = &self.qos {
             qos.validate(&mut check);
+            let absorbed = self.time.out_of_orderness + qos.grace;
+            check(
+                self.time.max_future_skew < absorbed,
+                format!(
+                    "`time.max_future_skew` is {}, which defeats the grace: an event that far \
+                     ahead would make on-time records late; expected less than \
+                     `time.out_of_orderness` + `qos.grace` = {}",
+                    humantime::format_duration(self.time.max_future_skew),
+                    humantime::format_duration(absorbed)
+                ),
+            );
         }
         if let Some(resume) = &self.resume {
             let t = resume.completion_threshold;
@@ -415,9 +428,6 @@ fn d30s() -> Duration {
 }
 fn d1m() -> Duration {
     Duration::from_secs(60)
-}
-fn d5m() -> Duration {
-    Duration::from_secs(300)
 }
 fn d10m() -> Duration {
     Duration::from_secs(600)

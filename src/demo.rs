@@ -39,6 +39,13 @@ pub fn run(
     kafka
         .create_topic(&topology.source.topic, 4, 1)
         .map_err(PipelineError::kafka("creating the demo input topic"))?;
+    // The mock cluster does not answer CreateTopics: make the outputs here.
+    let sink = &topology.sink;
+    for topic in [&sink.topic, &sink.late_topic, &sink.dead_letter_topic] {
+        kafka
+            .create_topic(topic, 1, 1)
+            .map_err(PipelineError::kafka(format!("creating the demo topic {topic}")))?;
+    }
     let registry = EmbeddedRegistry::start()
         .map_err(|e| PipelineError::Other(format!("starting the embedded registry: {e}")))?;
     let endpoints = Endpoints {

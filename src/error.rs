@@ -41,6 +41,20 @@ pub enum DecodeError {
     IncompatibleSchema { id: u32, message: String },
     #[error("Avro payload does not match schema id {id}: {message}")]
     BadPayload { id: u32, message: String },
+    #[error("event_time {event_time} is outside 2000-01-01..2100-01-01 (epoch millis {}..{})", crate::check::MIN_EVENT_TIME, crate::check::MAX_EVENT_TIME)]
+    EventTimeOutOfRange { event_time: i64 },
+    #[error("{field} is {value}, outside 0..={max}")]
+    FieldOutOfRange {
+        field: &'static str,
+        value: i64,
+        max: i64,
+    },
+    #[error("{field} is {len} bytes long, longer than the limit of {max}")]
+    FieldTooLong {
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
     #[error("event_time {event_time} is {ahead_ms}ms ahead of the record's Kafka timestamp (limit {limit_ms}ms)")]
     FutureSkew {
         event_time: i64,
@@ -61,6 +75,9 @@ impl DecodeError {
             DecodeError::IncompatibleSchema { .. } => "incompatible_schema",
             DecodeError::BadPayload { .. } => "bad_payload",
             DecodeError::FutureSkew { .. } => "future_event_time",
+            DecodeError::EventTimeOutOfRange { .. } => "event_time_out_of_range",
+            DecodeError::FieldOutOfRange { .. } => "field_out_of_range",
+            DecodeError::FieldTooLong { .. } => "field_too_long",
         }
     }
 }

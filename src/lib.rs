@@ -22,6 +22,7 @@
 //! - [`registry`]: Confluent schema registry client, in-memory and embedded registries.
 //! - [`source`]: the consumer group, rebalances, pause/resume, offset commits.
 //! - [`decode`]: Confluent framing and Avro decoding with schema resolution.
+//! - [`check`]: the bad-data rules (event-time range, clock skew, numeric ranges, lengths).
 //! - [`watermark`]: per-partition watermarks, idleness, the operator watermark.
 //! - [`window`]: tumbling windows and the QoS aggregates.
 //! - [`resume`]: repartition by profile, the table stage, restore, what HTTP reads.
@@ -38,6 +39,7 @@
 
 pub mod app;
 pub mod bench;
+pub mod check;
 pub mod config;
 pub mod decode;
 pub mod demo;

@@ -24,7 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Dimension, QosConfig, Topology};
 use crate::decode::Decoder;
-use crate::error::{DecodeError, PipelineError};
+use crate::check::check;
+use crate::error::PipelineError;
 use crate::http::Health;
 use crate::metrics::{self, PartitionCounters};
 use crate::record::{Origin, QosWindow};
@@ -376,18 +377,9 @@ impl Core {
             }
         };
         part.counters.decoded();
-        // One client clock far in the future must not drag the watermark forward.
-        if let Some(ts) = origin.timestamp {
-            let ahead_ms = event.event_time - ts;
-            if ahead_ms > self.max_future_skew {
-                let e = DecodeError::FutureSkew {
-                    event_time: event.event_time,
-                    ahead_ms,
-                    limit_ms: self.max_future_skew,
-                };
-                part.counters.dead_lettered(e.reason());
-                return self.sink.send_dead_letter(key, value, origin, &e);
-            }
+        if let Err(e) = check(&event, origin.timestamp, self.max_future_skew) {
+            part.counters.dead_lettered(e.reason());
+            return self.sink.send_dead_letter(key, value, origin, &e);
         }
         let start = self.spec.start(event.event_time);
         let watermark = self.marks.partition(p).max(self.closed_through);

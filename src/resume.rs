@@ -28,6 +28,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use rocksdb::WriteBatch;
 use tokio_util::sync::CancellationToken;
 
+use crate::check::check;
 use crate::config::{ResumeConfig, Topology};
 use crate::decode::{split_frame, Decoder};
 use crate::error::PipelineError;
@@ -112,6 +113,7 @@ pub fn repartition(
     );
     let source = Source::subscribe(&consumer, &topology.source.topic)?;
     let target = resume.repartition_topic(&topology.name);
+    let max_future_skew = topology.time.max_future_skew.as_millis() as i64;
     let mut offsets: BTreeMap<i32, i64> = BTreeMap::new();
     let mut last_commit = Instant::now();
     while !shutdown.is_cancelled() {
@@ -127,7 +129,10 @@ pub fn repartition(
                 offset: m.offset(),
                 timestamp: m.timestamp().to_millis(),
             };
-            match decoder.decode(m.key(), m.payload())? {
+            let checked = decoder
+                .decode(m.key(), m.payload())?
+                .and_then(|e| check(&e, origin.timestamp, max_future_skew).map(|()| e));
+            match checked {
                 Ok(event) => {
                     let mut record = BaseRecord::to(&target)
                         .key(event.profile_id.as_bytes())
@@ -302,6 +307,8 @@ pub struct TableStage {
     view: Arc<TableView>,
     resume: ResumeConfig,
     checkpoint_interval: Duration,
+    /// The clock-skew guard's bound: a far-future event would become the retention clock.
+    max_future_skew_ms: i64,
     parts: BTreeMap<i32, TablePartition>,
     /// Entries changed since the last checkpoint, by key.
     dirty: HashMap<String, (i32, StoredEntry)>,
@@ -333,6 +340,7 @@ impl TableStage {
             view,
             resume: resume.clone(),
             checkpoint_interval: topology.state.checkpoint_interval,
+            max_future_skew_ms: topology.time.max_future_skew.as_millis() as i64,
             parts: BTreeMap::new(),
             dirty: HashMap::new(),
             pending: BTreeMap::new(),
@@ -388,7 +396,10 @@ impl TableStage {
             return Ok(false); // already in the table
         }
         part.next_offset = Some(offset + 1);
-        match self.decoder.decode(m.key(), m.payload())? {
+        let checked = self.decoder.decode(m.key(), m.payload())?.and_then(|e| {
+            check(&e, origin.timestamp, self.max_future_skew_ms).map(|()| e)
+        });
+        match checked {
             Ok(event) => {
                 part.max_event_time = Some(
                     part.max_event_time

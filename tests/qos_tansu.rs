@@ -190,7 +190,7 @@ fn sigkill_and_restart_ends_with_the_same_records() {
             .replace("checkpoint_interval = \"1s\"", "checkpoint_interval = \"100ms\"")
             .replace("out_of_orderness = \"5s\"", "out_of_orderness = \"2s\"")
             .replace("idle_timeout = \"30s\"", "idle_timeout = \"4s\"")
-            .replace("max_future_skew = \"5m\"", "max_future_skew = \"1h\"")
+            .replace("max_future_skew = \"30s\"", "max_future_skew = \"6s\"")
             .replace("window = \"1m\"", "window = \"10s\"")
             .replace("grace = \"30s\"", "grace = \"5s\"")
             .replace("# group_id = \"marquee-qos\"", &format!("group_id = \"{input}-g\"\n[source.kafka]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n[time]\n")

@@ -344,8 +344,19 @@ fn resume_table_survives_disorder_sigkill_and_a_wiped_state_directory() {
     future.event_id = "zz-future".into();
     future.event_time += 100 * 86_400_000;
     publisher.send(&future).unwrap();
-    publisher.flush().unwrap();
     let expiring = marquee::gen::partition_for(&future.profile_id, 3);
+    // A client clock 100 days ahead of its Kafka timestamp, in another table partition: the
+    // skew guard dead-letters it, so it expires nothing and never becomes an entry.
+    let mut rogue = finished.clone();
+    rogue.profile_id = (0..)
+        .map(|i| format!("rogue-{i}"))
+        .find(|p| marquee::gen::partition_for(p, 3) != expiring)
+        .unwrap();
+    rogue.event_id = "zz-rogue".into();
+    rogue.event_time = marquee::pipeline::wall_clock_ms() + 100 * 86_400_000;
+    publisher.send(&rogue).unwrap();
+    publisher.flush().unwrap();
+    let rogue_key = format!("{}/{}", rogue.profile_id, rogue.title_id);
     let future_key = format!("{}/{}", future.profile_id, future.title_id);
     let mut child = spawn(&file, &format!("127.0.0.1:{}", free_port()));
     wait_for(
@@ -368,6 +379,10 @@ fn resume_table_survives_disorder_sigkill_and_a_wiped_state_directory() {
         );
     }
     assert!(table.contains_key(&future_key));
+    assert!(
+        !table.contains_key(&rogue_key),
+        "an event from a clock far ahead is dead-lettered, not applied"
+    );
 }
 
 /// Number of records in `topic` (at least `at_least`, once it stops growing).

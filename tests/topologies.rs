@@ -132,3 +132,17 @@ fn run_fails_fast_and_clearly_when_kafka_is_unreachable() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_skew_bound_that_defeats_the_grace_is_rejected() {
+    // Defaults: 5s out-of-orderness + 30s grace absorb at most 35s of clock skew.
+    let e = error_of(&MINIMAL.replace("[qos]\n", "[time]\nmax_future_skew = \"3m\"\n[qos]\n"));
+    assert!(
+        e.contains("max_future_skew") && e.contains("35s"),
+        "names the key and the bound: {e}"
+    );
+    let ok = MINIMAL.replace("[qos]\n", "[time]\nmax_future_skew = \"34s\"\n[qos]\n");
+    Topology::parse(&ok, Path::new("t.toml")).unwrap();
+    let t = Topology::parse(MINIMAL, Path::new("t.toml")).unwrap();
+    assert_eq!(t.time.max_future_skew.as_secs(), 30, "the default fits");
+}

@@ -37,7 +37,7 @@ group_id = "{input}-group"
 [time]
 out_of_orderness = "2s"
 idle_timeout = "4s"
-max_future_skew = "1h"
+max_future_skew = "6s"
 [qos]
 window = "10s"
 grace = "5s"
