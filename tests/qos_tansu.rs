@@ -40,6 +40,11 @@ fn results_match_the_reference_with_disorder_lateness_poison_and_an_idle_partiti
     assert!(expected.results.len() > 100);
 
     let feeder = Feeder::new(&brokers, &input);
+    let bad = |change: fn(&mut PlaybackEvent)| {
+        let mut e = events[2].1.clone();
+        change(&mut e);
+        feeder.v1.encode(&e).unwrap()
+    };
     let valid = frame(999_999, b"\x02");
     let poison: Vec<Poison> = vec![
         (
@@ -59,6 +64,18 @@ fn results_match_the_reference_with_disorder_lateness_poison_and_an_idle_partiti
             Some(b"s-x"),
             Some(frame(feeder.v1.schema_id(), &[0x80, 0x80, 0x80])),
         ),
+        ("field_out_of_range", Some(b"s-x"), Some(bad(|e| e.play_ms = -5))),
+        // A 600 KB group value would make its result larger than a broker accepts.
+        (
+            "field_too_long",
+            Some(b"s-x"),
+            Some(bad(|e| e.cdn = "c".repeat(600_000))),
+        ),
+        (
+            "event_time_out_of_range",
+            Some(b"s-x"),
+            Some(bad(|e| e.event_time = 42)),
+        ),
     ];
     let mut future = events[1].1.clone();
     future.event_id = "from-the-future".into();
@@ -67,8 +84,8 @@ fn results_match_the_reference_with_disorder_lateness_poison_and_an_idle_partiti
     let mut poison_sent = 0;
     for (i, (p, e)) in events.iter().enumerate() {
         feeder.event(*p, e, i);
-        if i % 1_000 == 500 {
-            let (_, key, value) = &poison[(i / 1_000) % poison.len()];
+        if i % 500 == 250 {
+            let (_, key, value) = &poison[(i / 500) % poison.len()];
             feeder.raw(*p, *key, value.as_deref());
             poison_sent += 1;
         }
