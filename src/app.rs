@@ -87,21 +87,21 @@ fn run_operators(
         if let Some(qos) = topology.qos.clone() {
             let (registry, store, stop) = (Arc::clone(&registry), Arc::clone(&store), stop.clone());
             tasks.push(scope.spawn(move || {
-                let result = run_qos(
+                // Cancels the other operators however this one ends, a panic included, so
+                // the process never keeps running half of its topology.
+                let _stop_all = stop.clone().drop_guard();
+                run_qos(
                     topology, &qos, endpoints, registry, store, health, on_result, &stop,
-                );
-                stop.cancel();
-                result
+                )
             }));
         }
         if let (Some(resume), Some(table)) = (topology.resume.clone(), table) {
             let (registry, stop) = (Arc::clone(&registry), stop.clone());
             tasks.push(scope.spawn(move || {
-                let result = run_resume(
+                let _stop_all = stop.clone().drop_guard();
+                run_resume(
                     topology, &resume, endpoints, registry, table, health, &stop, scope,
-                );
-                stop.cancel();
-                result
+                )
             }));
         }
         tasks
@@ -247,7 +247,8 @@ fn run_resume<'scope>(
         let decoder = Decoder::new(Arc::clone(&registry));
         let (resume, stop) = (resume.clone(), stop.clone());
         Some(scope.spawn(move || {
-            let result = resume::repartition(
+            let _stop_all = stop.clone().drop_guard();
+            resume::repartition(
                 topology,
                 &resume,
                 &endpoints.brokers,
@@ -255,9 +256,7 @@ fn run_resume<'scope>(
                 sink,
                 target,
                 &stop,
-            );
-            stop.cancel();
-            result
+            )
         }))
     };
     let consumer = consumer_config(

@@ -100,7 +100,9 @@ mod tests {
     }
 
     fn reason(e: &PlaybackEvent) -> Option<&'static str> {
-        check(e, Some(e.event_time), 30_000).err().map(|e| e.reason())
+        check(e, Some(e.event_time), 30_000)
+            .err()
+            .map(|e| e.reason())
     }
 
     #[test]
@@ -114,15 +116,33 @@ mod tests {
     fn each_rule_has_its_reason() {
         let cases: Vec<(&str, Box<dyn Fn(&mut PlaybackEvent)>)> = vec![
             ("event_time_out_of_range", Box::new(|e| e.event_time = 0)),
-            ("event_time_out_of_range", Box::new(|e| e.event_time = i64::MAX)),
-            ("event_time_out_of_range", Box::new(|e| e.event_time = i64::MIN)),
+            (
+                "event_time_out_of_range",
+                Box::new(|e| e.event_time = i64::MAX),
+            ),
+            (
+                "event_time_out_of_range",
+                Box::new(|e| e.event_time = i64::MIN),
+            ),
             ("field_out_of_range", Box::new(|e| e.play_ms = -1)),
-            ("field_out_of_range", Box::new(|e| e.rebuffer_ms = MAX_SPAN_MS + 1)),
+            (
+                "field_out_of_range",
+                Box::new(|e| e.rebuffer_ms = MAX_SPAN_MS + 1),
+            ),
             ("field_out_of_range", Box::new(|e| e.position_ms = -5)),
-            ("field_out_of_range", Box::new(|e| e.duration_ms = Some(i64::MIN))),
-            ("field_out_of_range", Box::new(|e| e.bitrate_kbps = Some(-1))),
+            (
+                "field_out_of_range",
+                Box::new(|e| e.duration_ms = Some(i64::MIN)),
+            ),
+            (
+                "field_out_of_range",
+                Box::new(|e| e.bitrate_kbps = Some(-1)),
+            ),
             ("field_too_long", Box::new(|e| e.cdn = "x".repeat(600_000))),
-            ("field_too_long", Box::new(|e| e.profile_id = "p".repeat(257))),
+            (
+                "field_too_long",
+                Box::new(|e| e.profile_id = "p".repeat(257)),
+            ),
         ];
         for (expected, mutate) in cases {
             let mut e = event();

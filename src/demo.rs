@@ -44,7 +44,9 @@ pub fn run(
     for topic in [&sink.topic, &sink.late_topic, &sink.dead_letter_topic] {
         kafka
             .create_topic(topic, 1, 1)
-            .map_err(PipelineError::kafka(format!("creating the demo topic {topic}")))?;
+            .map_err(PipelineError::kafka(format!(
+                "creating the demo topic {topic}"
+            )))?;
     }
     let registry = EmbeddedRegistry::start()
         .map_err(|e| PipelineError::Other(format!("starting the embedded registry: {e}")))?;

@@ -41,7 +41,11 @@ pub enum DecodeError {
     IncompatibleSchema { id: u32, message: String },
     #[error("Avro payload does not match schema id {id}: {message}")]
     BadPayload { id: u32, message: String },
-    #[error("event_time {event_time} is outside 2000-01-01..2100-01-01 (epoch millis {}..{})", crate::check::MIN_EVENT_TIME, crate::check::MAX_EVENT_TIME)]
+    #[error(
+        "event_time {event_time} is outside 2000-01-01..2100-01-01 (epoch millis {}..{})",
+        crate::check::MIN_EVENT_TIME,
+        crate::check::MAX_EVENT_TIME
+    )]
     EventTimeOutOfRange { event_time: i64 },
     #[error("{field} is {value}, outside 0..={max}")]
     FieldOutOfRange {

@@ -22,9 +22,9 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rocksdb::WriteBatch;
 use tokio_util::sync::CancellationToken;
 
+use crate::check::check;
 use crate::config::{Dimension, QosConfig, Topology};
 use crate::decode::Decoder;
-use crate::check::check;
 use crate::error::PipelineError;
 use crate::http::Health;
 use crate::metrics::{self, PartitionCounters};

@@ -396,9 +396,10 @@ impl TableStage {
             return Ok(false); // already in the table
         }
         part.next_offset = Some(offset + 1);
-        let checked = self.decoder.decode(m.key(), m.payload())?.and_then(|e| {
-            check(&e, origin.timestamp, self.max_future_skew_ms).map(|()| e)
-        });
+        let checked = self
+            .decoder
+            .decode(m.key(), m.payload())?
+            .and_then(|e| check(&e, origin.timestamp, self.max_future_skew_ms).map(|()| e));
         match checked {
             Ok(event) => {
                 part.max_event_time = Some(

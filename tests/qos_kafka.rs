@@ -2,11 +2,153 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::kafka::kafka;
+use common::qos::{
+    assert_results_equal, dataset, expected, late_event_ids, read_outputs, results_by_key,
+    topology, topology_toml, Feeder,
+};
+use common::{read_topic, registry, unique, wait_for, KillOnDrop, Running};
+use marquee::record::PlaybackEvent;
 
 /// Watermark alignment pauses and resumes partitions many times while a backlog with a hot
 /// partition is read; not a record is lost, skipped or counted twice.
 #[test]
 fn alignment_pauses_and_resumes_without_losing_a_record() {
     common::qos::alignment_scenario(&kafka().addr);
+}
+
+/// Sends `events` in order (each partition keeps the dataset's order), numbering from `first`.
+fn send(feeder: &Feeder, events: &[(i32, PlaybackEvent)], first: usize) {
+    for (i, (p, e)) in events.iter().enumerate() {
+        feeder.event(*p, e, first + i);
+    }
+    feeder.flush();
+}
+
+/// Waits until the result topic of `topic_name` holds at least one record.
+fn wait_for_results(brokers: &str, topic_name: &str) {
+    wait_for("the first results", Duration::from_secs(60), || {
+        let seen = read_topic(
+            brokers,
+            topic_name,
+            1,
+            Duration::ZERO,
+            Duration::from_millis(500),
+        );
+        (!seen.is_empty()).then_some(())
+    });
+}
+
+/// The process stops for 40 s (SIGSTOP: no polls, no fetches) in the middle of a backlog, ten
+/// idle timeouts long; partitions it could not watch are not idle when it wakes up, so the
+/// records are those of an uninterrupted run.
+#[test]
+fn a_40_second_stall_in_a_backlog_changes_no_record() {
+    let brokers = kafka().addr.clone();
+    let input = unique("stall-events");
+    common::create_topic(&brokers, &input, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("qos.toml");
+    // A session that outlives the stall: no rebalance hides what the stall alone does.
+    let toml = topology_toml(&input, &dir.path().join("state")).replace(
+        "\"session.timeout.ms\" = \"6000\"",
+        "\"session.timeout.ms\" = \"60000\"",
+    );
+    assert!(toml.contains("60000"));
+    std::fs::write(&file, toml).unwrap();
+    let topology = topology(&input, &dir.path().join("state"));
+    let events = dataset(31, 24_000);
+    let expected = expected(&events);
+    let feeder = Feeder::new(&brokers, &input);
+    let (first, rest) = events.split_at(events.len() / 2);
+    send(&feeder, first, 0);
+
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_marquee"))
+        .args(["run", file.to_str().unwrap(), "--brokers", &brokers])
+        .args(["--registry", &registry().url()])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("marquee binary starts");
+    let mut child = KillOnDrop(child);
+    wait_for_results(&brokers, &topology.sink.topic);
+    // SAFETY: kill(2) on a child we spawned and have not reaped.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGSTOP) };
+    // The rest of the backlog arrives while the process cannot look.
+    send(&feeder, rest, first.len());
+    std::thread::sleep(Duration::from_secs(40));
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGCONT) };
+
+    let (results, late) = read_outputs(&brokers, &topology, &expected, Duration::from_secs(120));
+    child.terminate();
+    assert_results_equal(&results_by_key(&results), &expected.results);
+    assert_eq!(late_event_ids(&late), expected.late);
+}
+
+/// A host crash that lost recent writes leaves an older state directory while Kafka's
+/// committed offsets are newer: the instance continues from the offsets in its state (RocksDB
+/// is the source of truth), so the results are still complete and exact.
+#[test]
+fn an_older_state_directory_still_gives_exact_results() {
+    let brokers = kafka().addr.clone();
+    let input = unique("older-state");
+    common::create_topic(&brokers, &input, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let topology = topology(&input, &state);
+    let events = dataset(37, 18_000);
+    let expected = expected(&events);
+    let feeder = Feeder::new(&brokers, &input);
+    let thirds: Vec<_> = events.chunks(events.len() / 3).collect();
+
+    send(&feeder, thirds[0], 0);
+    let running = Running::start(&topology, &brokers, None);
+    wait_for_results(&brokers, &topology.sink.topic);
+    std::thread::sleep(Duration::from_secs(1));
+    running.stop();
+    let older = dir.path().join("older");
+    copy_dir(&state, &older);
+
+    send(&feeder, thirds[1], thirds[0].len());
+    let running = Running::start(&topology, &brokers, None);
+    wait_for(
+        "the second third to be read",
+        Duration::from_secs(60),
+        || {
+            let n = read_topic(
+                &brokers,
+                &topology.sink.topic,
+                1,
+                Duration::from_millis(500),
+                Duration::from_secs(5),
+            )
+            .len();
+            (n > 0).then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    running.stop();
+
+    // The crash: the newer state is lost, the older copy comes back.
+    std::fs::remove_dir_all(&state).unwrap();
+    std::fs::rename(&older, &state).unwrap();
+    send(&feeder, thirds[2], thirds[0].len() + thirds[1].len());
+    let running = Running::start(&topology, &brokers, None);
+    let (results, late) = read_outputs(&brokers, &topology, &expected, Duration::from_secs(120));
+    running.stop();
+    assert_results_equal(&results_by_key(&results), &expected.results);
+    assert_eq!(
+        late_event_ids(&late),
+        expected.late,
+        "late records, duplicates allowed"
+    );
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
 }

@@ -64,7 +64,11 @@ fn results_match_the_reference_with_disorder_lateness_poison_and_an_idle_partiti
             Some(b"s-x"),
             Some(frame(feeder.v1.schema_id(), &[0x80, 0x80, 0x80])),
         ),
-        ("field_out_of_range", Some(b"s-x"), Some(bad(|e| e.play_ms = -5))),
+        (
+            "field_out_of_range",
+            Some(b"s-x"),
+            Some(bad(|e| e.play_ms = -5)),
+        ),
         // A 600 KB group value would make its result larger than a broker accepts.
         (
             "field_too_long",

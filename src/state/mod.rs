@@ -203,9 +203,13 @@ impl Store {
         );
     }
 
-    /// Writes a batch atomically (through the WAL: it survives a killed process).
+    /// Writes a batch atomically and durably (WAL synced: it survives a killed process and a host crash).
     pub fn commit(&self, batch: WriteBatch) -> Result<(), StateError> {
-        Ok(self.db.write(batch)?)
+        // Synced: offsets are committed to Kafka only after this returns, and a host crash
+        // must not leave Kafka's offsets ahead of the state they stand for.
+        let mut options = rocksdb::WriteOptions::default();
+        options.set_sync(true);
+        Ok(self.db.write_opt(batch, &options)?)
     }
 
     /// The table entry `profile`/`title` of `partition`.

@@ -25,7 +25,13 @@ pub const RULES: Rules = Rules {
 
 /// A topology with the test rules and fresh topic names.
 pub fn topology(input: &str, state: &Path) -> Topology {
-    let text = format!(
+    Topology::parse(&topology_toml(input, state), Path::new("test.toml"))
+        .expect("test topology is valid")
+}
+
+/// The text of [`topology`], for tests that run the binary.
+pub fn topology_toml(input: &str, state: &Path) -> String {
+    format!(
         r#"
 name = "qos-test"
 [source]
@@ -50,8 +56,7 @@ dir = "{}"
 checkpoint_interval = "200ms"
 "#,
         state.display()
-    );
-    Topology::parse(&text, Path::new("test.toml")).expect("test topology is valid")
+    )
 }
 
 /// Generated events, keyed to partitions 0 and 1 of a 3-partition topic (2 stays empty and
