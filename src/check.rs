@@ -99,6 +99,9 @@ mod tests {
             .event
     }
 
+    /// A change that breaks one rule.
+    type Mutation = fn(&mut PlaybackEvent);
+
     fn reason(e: &PlaybackEvent) -> Option<&'static str> {
         check(e, Some(e.event_time), 30_000)
             .err()
@@ -114,35 +117,17 @@ mod tests {
 
     #[test]
     fn each_rule_has_its_reason() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut PlaybackEvent)>)> = vec![
-            ("event_time_out_of_range", Box::new(|e| e.event_time = 0)),
-            (
-                "event_time_out_of_range",
-                Box::new(|e| e.event_time = i64::MAX),
-            ),
-            (
-                "event_time_out_of_range",
-                Box::new(|e| e.event_time = i64::MIN),
-            ),
-            ("field_out_of_range", Box::new(|e| e.play_ms = -1)),
-            (
-                "field_out_of_range",
-                Box::new(|e| e.rebuffer_ms = MAX_SPAN_MS + 1),
-            ),
-            ("field_out_of_range", Box::new(|e| e.position_ms = -5)),
-            (
-                "field_out_of_range",
-                Box::new(|e| e.duration_ms = Some(i64::MIN)),
-            ),
-            (
-                "field_out_of_range",
-                Box::new(|e| e.bitrate_kbps = Some(-1)),
-            ),
-            ("field_too_long", Box::new(|e| e.cdn = "x".repeat(600_000))),
-            (
-                "field_too_long",
-                Box::new(|e| e.profile_id = "p".repeat(257)),
-            ),
+        let cases: [(&str, Mutation); 10] = [
+            ("event_time_out_of_range", |e| e.event_time = 0),
+            ("event_time_out_of_range", |e| e.event_time = i64::MAX),
+            ("event_time_out_of_range", |e| e.event_time = i64::MIN),
+            ("field_out_of_range", |e| e.play_ms = -1),
+            ("field_out_of_range", |e| e.rebuffer_ms = MAX_SPAN_MS + 1),
+            ("field_out_of_range", |e| e.position_ms = -5),
+            ("field_out_of_range", |e| e.duration_ms = Some(i64::MIN)),
+            ("field_out_of_range", |e| e.bitrate_kbps = Some(-1)),
+            ("field_too_long", |e| e.cdn = "x".repeat(600_000)),
+            ("field_too_long", |e| e.profile_id = "p".repeat(257)),
         ];
         for (expected, mutate) in cases {
             let mut e = event();

@@ -3,7 +3,7 @@
 //! values of low-cardinality dimensions only). Per-record counts are accumulated locally and
 //! published once per batch.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -152,8 +152,46 @@ pub fn checkpoint(flush: Duration, write: Duration) {
     histogram!("marquee_checkpoint_write_duration_seconds").record(write.as_secs_f64());
 }
 
-/// Business gauges of the last closed window of one low-cardinality group.
-pub fn last_window(dimension: &str, value: &str, viewers: i64, rebuffer_ratio: Option<f64>) {
+/// Most values per dimension that get gauges; results hold every value regardless.
+pub const MAX_GAUGE_VALUES: usize = 32;
+
+/// Business gauges of the newest closed window, per low-cardinality group. A group without
+/// events in that window reports 0 rather than its last value (so a CDN that fails completely
+/// trips a viewer-drop alert), and at most [`MAX_GAUGE_VALUES`] values per dimension are ever
+/// exported (the first seen), so hostile values cannot explode the series count.
+#[derive(Default)]
+pub struct LastWindowGauges {
+    shown: BTreeSet<(String, String)>,
+}
+
+impl LastWindowGauges {
+    /// Publishes the results of the newest closed window.
+    pub fn publish(&mut self, newest: &[crate::record::QosWindow]) {
+        let mut fresh = BTreeSet::new();
+        for r in newest {
+            let key = (r.dimension.clone(), r.value.clone());
+            if !self.shown.contains(&key) {
+                let values = self.shown.iter().filter(|(d, _)| *d == r.dimension).count();
+                if values >= MAX_GAUGE_VALUES {
+                    continue;
+                }
+                self.shown.insert(key.clone());
+            }
+            set_last_window(
+                &r.dimension,
+                &r.value,
+                r.concurrent_viewers,
+                r.rebuffer_ratio,
+            );
+            fresh.insert(key);
+        }
+        for (dimension, value) in self.shown.difference(&fresh) {
+            set_last_window(dimension, value, 0, None);
+        }
+    }
+}
+
+fn set_last_window(dimension: &str, value: &str, viewers: i64, rebuffer_ratio: Option<f64>) {
     let labels = [
         ("dimension", dimension.to_string()),
         ("value", value.to_string()),
@@ -187,4 +225,55 @@ pub fn table_restored(records: u64, took: Duration) {
 /// One table query answered.
 pub fn query(route: &'static str, took: Duration) {
     histogram!("marquee_query_duration_seconds", "route" => route).record(took.as_secs_f64());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::QosWindow;
+
+    fn row(value: &str, viewers: i64) -> QosWindow {
+        QosWindow {
+            window_start: 0,
+            window_end: 60_000,
+            dimension: "cdn".into(),
+            value: value.into(),
+            concurrent_viewers: viewers,
+            play_ms: 1,
+            rebuffer_ms: 0,
+            rebuffer_events: 0,
+            rebuffer_ratio: Some(0.0),
+            is_final: true,
+        }
+    }
+
+    fn viewers(page: &str, value: &str) -> Option<f64> {
+        let series =
+            format!("marquee_qos_concurrent_viewers{{dimension=\"cdn\",value=\"{value}\"}} ");
+        page.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .and_then(|v| v.parse().ok())
+    }
+
+    #[test]
+    fn a_group_without_events_reports_zero_and_values_are_bounded() {
+        let handle = install();
+        let mut gauges = LastWindowGauges::default();
+        gauges.publish(&[row("gauge-test-a", 7), row("gauge-test-b", 3)]);
+        gauges.publish(&[row("gauge-test-b", 4)]);
+        let page = handle.render();
+        assert_eq!(
+            viewers(&page, "gauge-test-a"),
+            Some(0.0),
+            "not its last value"
+        );
+        assert_eq!(viewers(&page, "gauge-test-b"), Some(4.0));
+        let many: Vec<_> = (0..100)
+            .map(|i| row(&format!("gauge-test-{i}"), 1))
+            .collect();
+        gauges.publish(&many);
+        let page = handle.render();
+        assert_eq!(viewers(&page, "gauge-test-20"), Some(1.0));
+        assert_eq!(viewers(&page, "gauge-test-99"), None, "beyond the bound");
+    }
 }

@@ -88,6 +88,8 @@ struct Core {
     processed: u64,
     /// Seeks owed to partitions whose broker skipped past the position they need.
     seeks: Vec<(i32, i64)>,
+    /// Gauges of the newest closed window.
+    gauges: metrics::LastWindowGauges,
 }
 
 /// A running pipeline instance.
@@ -130,6 +132,7 @@ impl Pipeline {
                 now: Instant::now(),
                 processed: 0,
                 seeks: Vec::new(),
+                gauges: metrics::LastWindowGauges::default(),
             },
             source,
             max_drift: time.max_partition_drift.as_millis() as i64,
@@ -426,23 +429,20 @@ impl Core {
         }
         let mut emitted = 0;
         let last = closed.keys().next_back().copied();
+        let mut newest = Vec::new();
         for (start, partial) in &closed {
             for result in partial.results(&self.spec, *start) {
                 self.sink.send_result(&result.key(), &result, None, &[])?;
                 emitted += 1;
-                if Some(*start) == last && self.gauge_slot(&result.dimension) {
-                    metrics::last_window(
-                        &result.dimension,
-                        &result.value,
-                        result.concurrent_viewers,
-                        result.rebuffer_ratio,
-                    );
-                }
                 if let Some(hook) = self.on_result.as_mut() {
                     hook(&result);
                 }
+                if Some(*start) == last && self.gauge_slot(&result.dimension) {
+                    newest.push(result);
+                }
             }
         }
+        self.gauges.publish(&newest);
         metrics::windows_closed(closed.len() as u64);
         metrics::results_emitted(emitted);
         Ok(())
