@@ -70,7 +70,12 @@ pub struct QosWindow {
 impl QosWindow {
     /// The deterministic output key `<dimension>/<value>/<window_start>`: a replay overwrites.
     pub fn key(&self) -> String {
-        format!("{}/{}/{}", self.dimension, self.value, self.window_start)
+        format!(
+            "{}/{}/{}",
+            key_part(&self.dimension),
+            key_part(&self.value),
+            self.window_start
+        )
     }
 }
 
@@ -97,6 +102,75 @@ pub struct ResumePosition {
 impl ResumePosition {
     /// The output and table key `<profile_id>/<title_id>`.
     pub fn key(&self) -> String {
-        format!("{}/{}", self.profile_id, self.title_id)
+        resume_key(&self.profile_id, &self.title_id)
+    }
+}
+
+/// The output key of a resume entry: `<profile_id>/<title_id>`, each part escaped.
+pub fn resume_key(profile: &str, title: &str) -> String {
+    format!("{}/{}", key_part(profile), key_part(title))
+}
+
+/// The profile and title of a resume key; `None` when it is not one.
+pub fn split_resume_key(key: &str) -> Option<(String, String)> {
+    let [profile, title]: [String; 2] = split_key(key)?.try_into().ok()?;
+    Some((profile, title))
+}
+
+/// Escapes one part of a `/`-separated output key: `%` becomes `%25` and `/` becomes `%2F`,
+/// so that any identifier (with `/`, NUL or any other character) round-trips and no two
+/// entries share a key. Parts without `%` or `/` are unchanged.
+pub fn key_part(part: &str) -> std::borrow::Cow<'_, str> {
+    if !part.contains(['%', '/']) {
+        return part.into();
+    }
+    part.replace('%', "%25").replace('/', "%2F").into()
+}
+
+/// Splits an output key into its unescaped parts; `None` when an escape is malformed.
+pub fn split_key(key: &str) -> Option<Vec<String>> {
+    key.split('/')
+        .map(|part| {
+            let mut out = String::with_capacity(part.len());
+            let mut rest = part;
+            while let Some(i) = rest.find('%') {
+                out.push_str(&rest[..i]);
+                match rest.get(i + 1..i + 3) {
+                    Some("25") => out.push('%'),
+                    Some("2F") => out.push('/'),
+                    _ => return None,
+                }
+                rest = &rest[i + 3..];
+            }
+            out.push_str(rest);
+            Some(out)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    proptest::proptest! {
+        #[test]
+        fn key_parts_round_trip(a in ".{0,12}", b in ".{0,12}") {
+            let key = resume_key(&a, &b);
+            proptest::prop_assert_eq!(split_key(&key), Some(vec![a, b]));
+        }
+
+        #[test]
+        fn distinct_entries_have_distinct_keys(a in "[a/%]{0,6}", b in "[a/%]{0,6}", c in "[a/%]{0,6}", d in "[a/%]{0,6}") {
+            proptest::prop_assume!((&a, &b) != (&c, &d));
+            proptest::prop_assert_ne!(resume_key(&a, &b), resume_key(&c, &d));
+        }
+    }
+
+    #[test]
+    fn plain_identifiers_keep_their_keys() {
+        assert_eq!(resume_key("p-1", "t-9"), "p-1/t-9");
+        assert_eq!(resume_key("a/b", "50%"), "a%2Fb/50%25");
+        assert_eq!(split_key("a%2Fb/50%25").unwrap(), ["a/b", "50%"]);
+        assert_eq!(split_key("bad%zz"), None);
     }
 }

@@ -218,9 +218,16 @@ pub fn restore(
         last_record = Instant::now();
         let p = m.partition();
         let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
-        let Some((profile, title)) = key.split_once('/') else {
+        let Some((profile, title)) = crate::record::split_resume_key(&key) else {
+            tracing::warn!(
+                partition = p,
+                offset = m.offset(),
+                key,
+                "not a resume key; skipped"
+            );
             continue;
         };
+        let (profile, title) = (profile.as_str(), title.as_str());
         match m.payload() {
             None => store.stage_table_delete(&mut batch, p, profile, title),
             Some(value) => {
@@ -502,8 +509,10 @@ impl TableStage {
             let stored = match self.dirty.get_mut(&key) {
                 Some((_, stored)) => stored.clone(),
                 None => {
-                    let (profile, title) = key.split_once('/').unwrap_or((&key, ""));
-                    match self.store.table_get(p, profile, title)? {
+                    let Some((profile, title)) = crate::record::split_resume_key(&key) else {
+                        continue;
+                    };
+                    match self.store.table_get(p, &profile, &title)? {
                         Some(stored) => stored,
                         None => continue,
                     }

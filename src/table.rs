@@ -52,9 +52,9 @@ pub fn apply(current: Option<&Entry>, event: &PlaybackEvent, completion_threshol
     })
 }
 
-/// The table key of an event.
+/// The table key of an event (its output key, see [`crate::record::resume_key`]).
 pub fn key_of(event: &PlaybackEvent) -> String {
-    format!("{}/{}", event.profile_id, event.title_id)
+    crate::record::resume_key(&event.profile_id, &event.title_id)
 }
 
 #[cfg(test)]

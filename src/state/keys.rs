@@ -33,8 +33,8 @@ pub fn group_key(partition: i32, start: i64, slot: u8, value: &str) -> Vec<u8> {
     key
 }
 
-/// Key of a resume-table entry: profile and title separated by a NUL (never in an id), so
-/// one profile's titles are one prefix.
+/// Key of a resume-table entry: the profile, length-prefixed, then the title, so that any
+/// bytes in either (`/`, NUL) keep entries apart and one profile's titles are one prefix.
 pub fn table_key(partition: i32, profile: &str, title: &str) -> Vec<u8> {
     let mut key = table_profile_prefix(partition, profile);
     key.extend_from_slice(title.as_bytes());
@@ -44,8 +44,8 @@ pub fn table_key(partition: i32, profile: &str, title: &str) -> Vec<u8> {
 /// Prefix of every table entry of `profile`.
 pub fn table_profile_prefix(partition: i32, profile: &str) -> Vec<u8> {
     let mut key = partition_prefix(partition).to_vec();
+    key.extend_from_slice(&(profile.len() as u32).to_be_bytes());
     key.extend_from_slice(profile.as_bytes());
-    key.push(0);
     key
 }
 
@@ -78,6 +78,16 @@ mod tests {
         fn keys_round_trip(p in 0i32..10_000, start in any::<i64>(), slot in 0u8..5, value in "[a-z/]{0,12}") {
             prop_assert_eq!(decode(&group_key(p, start, slot, &value)),
                 Some(GroupKey { partition: p, start, slot, value }));
+        }
+
+        #[test]
+        fn table_keys_never_collide_and_profiles_are_prefixes(
+            a in ("[a/\\x00]{0,4}", "[a/\\x00]{0,4}"),
+            b in ("[a/\\x00]{0,4}", "[a/\\x00]{0,4}"),
+        ) {
+            let (ka, kb) = (table_key(1, &a.0, &a.1), table_key(1, &b.0, &b.1));
+            prop_assert_eq!(ka == kb, a == b);
+            prop_assert_eq!(kb.starts_with(&table_profile_prefix(1, &a.0)), a.0 == b.0);
         }
 
         #[test]
