@@ -82,6 +82,13 @@ fn run_operators(
 ) -> Result<(), PipelineError> {
     let registry: Arc<dyn SchemaRegistry> = Arc::new(HttpRegistry::new(&endpoints.registry)?);
     let stop = shutdown.child_token();
+    // Ready only once every operator is (each restores its state first).
+    if topology.qos.is_some() {
+        health.expect("qos");
+    }
+    if topology.resume.is_some() {
+        health.expect("resume");
+    }
     std::thread::scope(|scope| {
         let mut tasks = Vec::new();
         if let Some(qos) = topology.qos.clone() {

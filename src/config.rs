@@ -147,6 +147,11 @@ pub struct ResumeConfig {
     /// Entries without an update for this long (in event time) are deleted with a tombstone.
     #[serde(default = "d90d", deserialize_with = "duration")]
     pub retention: Duration,
+    /// Longest a new machine may take to rebuild the table from the output topic; a restore
+    /// that cannot read to the end offsets taken when it began fails the instance instead of
+    /// serving a table with entries missing.
+    #[serde(default = "d10m", deserialize_with = "duration")]
+    pub restore_timeout: Duration,
 }
 
 impl ResumeConfig {
@@ -318,6 +323,10 @@ impl Topology {
             check(
                 !resume.retention.is_zero(),
                 "`resume.retention` must be greater than 0".into(),
+            );
+            check(
+                !resume.restore_timeout.is_zero(),
+                "`resume.restore_timeout` must be greater than 0".into(),
             );
             let repartition = resume.repartition_topic(&self.name);
             for (key, topic) in [

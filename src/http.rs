@@ -1,10 +1,10 @@
 //! HTTP at the side of the pipeline: `/metrics` (Prometheus), `/healthz`, `/readyz`.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use axum::extract::{Path, Query, State};
@@ -19,19 +19,35 @@ use serde_json::json;
 use crate::record::ResumePosition;
 use crate::resume::TableView;
 
-/// Liveness and readiness of one instance, shared by the pipeline and the HTTP server.
+/// Liveness and readiness of one instance, shared by the operators and the HTTP server.
 #[derive(Debug, Default)]
 pub struct Health {
-    ready: AtomicBool,
+    /// Readiness per operator: the instance is ready once every declared operator is.
+    operators: Mutex<BTreeMap<&'static str, bool>>,
     /// Input records processed so far (drives the throughput benchmark's stop condition).
     processed: AtomicU64,
     failure: Mutex<Option<String>>,
 }
 
 impl Health {
-    /// Marks the instance ready (state restored, consuming) or not.
-    pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Relaxed);
+    /// Declares `operator`: the instance is not ready until it is.
+    pub fn expect(&self, operator: &'static str) {
+        self.lock_operators().entry(operator).or_insert(false);
+    }
+
+    /// Marks `operator` ready (state restored, consuming) or not.
+    pub fn set_ready(&self, operator: &'static str, ready: bool) {
+        self.lock_operators().insert(operator, ready);
+    }
+
+    /// Every declared operator is ready and nothing has failed.
+    pub fn is_ready(&self) -> bool {
+        let operators = self.lock_operators();
+        !operators.is_empty() && operators.values().all(|r| *r) && self.failure().is_none()
+    }
+
+    fn lock_operators(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, bool>> {
+        self.operators.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Adds `n` processed input records.
@@ -46,7 +62,6 @@ impl Health {
 
     /// Records why the pipeline stopped; `/healthz` then fails.
     pub fn fail(&self, reason: String) {
-        self.set_ready(false);
         *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
     }
 
@@ -171,7 +186,7 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    if state.health.ready.load(Ordering::Relaxed) {
+    if state.health.is_ready() {
         (StatusCode::OK, "ready\n")
     } else {
         (

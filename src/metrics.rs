@@ -222,6 +222,11 @@ pub fn table_restored(records: u64, took: Duration) {
     gauge!("marquee_table_restore_duration_seconds").set(took.as_secs_f64());
 }
 
+/// Records a running restore still has to read before the table is complete.
+pub fn table_restore_remaining(records: i64) {
+    gauge!("marquee_table_restore_remaining_records").set(records as f64);
+}
+
 /// One table query answered.
 pub fn query(route: &'static str, took: Duration) {
     histogram!("marquee_query_duration_seconds", "route" => route).record(took.as_secs_f64());

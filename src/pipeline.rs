@@ -293,7 +293,7 @@ fn reassign(
                 );
             }
             // Ready once the assigned partitions' state is restored.
-            health.set_ready(true);
+            health.set_ready("qos", true);
         }
         Assignment::Revoked(partitions) => {
             checkpoint(source, core)?;

@@ -44,8 +44,8 @@ use crate::table::{apply, Applied, Entry};
 pub const RESUME_POSITION_SCHEMA: &str = include_str!("../avro/resume_position.avsc");
 /// Header carrying the event id that orders ties, so a restored table breaks them the same way.
 pub const EVENT_ID_HEADER: &str = "marquee.event_id";
-/// A restore ends when no record arrived for this long (a backstop for partition EOF).
-const RESTORE_QUIET: Duration = Duration::from_secs(5);
+/// How often a running restore reports its progress.
+const RESTORE_REPORT: Duration = Duration::from_secs(5);
 /// Name of the table stage's offsets in the meta column family.
 const STAGE: &str = "resume";
 
@@ -192,31 +192,67 @@ pub fn restore(
         .first()
         .map(|t| t.partitions().iter().map(|p| p.id()).collect())
         .unwrap_or_default();
-    // Read every partition to its end. The end is the partition-EOF event (brokers differ in
-    // how they report high watermarks up front), or a quiet spell as a backstop.
+    // Every partition is read until the consumer reaches its end (partition EOF: the position
+    // is at the broker's high watermark, at least the end when the restore began), within
+    // `restore_timeout`. The end offsets asked for now only measure progress: Tansu reports
+    // the last batch's first offset instead of the high watermark.
     let mut tpl = TopicPartitionList::new();
+    let mut ends: BTreeMap<i32, Option<i64>> = BTreeMap::new();
     for &p in &partitions {
+        let end = consumer
+            .fetch_watermarks(&resume.topic, p, Duration::from_secs(10))
+            .ok()
+            .and_then(|(_, high)| (high > 0).then_some(high));
+        ends.insert(p, end);
         tpl.add_partition_offset(&resume.topic, p, Offset::Beginning)
             .map_err(PipelineError::kafka("assigning a restore partition"))?;
     }
     consumer
         .assign(&tpl)
         .map_err(PipelineError::kafka("assigning the restore partitions"))?;
-    let mut remaining: BTreeSet<i32> = partitions.into_iter().collect();
+    let mut positions: BTreeMap<i32, i64> = ends.keys().map(|&p| (p, 0)).collect();
+    let remaining_records = |ends: &BTreeMap<i32, Option<i64>>, positions: &BTreeMap<i32, i64>| {
+        ends.iter()
+            .filter_map(|(p, end)| end.map(|end| (end - positions[p]).max(0)))
+            .sum::<i64>()
+    };
     let mut batch = WriteBatch::default();
-    let mut last_record = Instant::now();
-    while !remaining.is_empty() && last_record.elapsed() < RESTORE_QUIET {
+    let mut last_report = Instant::now();
+    while !ends.is_empty() {
+        if last_report.elapsed() >= RESTORE_REPORT {
+            let left = remaining_records(&ends, &positions);
+            crate::metrics::table_restore_remaining(left);
+            tracing::info!(restored, records_left = left, partitions_left = ends.len(), topic = %resume.topic, "restoring the resume table");
+            last_report = Instant::now();
+        }
+        if started.elapsed() > resume.restore_timeout {
+            let behind: Vec<String> = ends
+                .iter()
+                .map(|(p, end)| {
+                    let end = end.map_or("its end".into(), |e| e.to_string());
+                    format!("partition {p} at offset {} of {end}", positions[p])
+                })
+                .collect();
+            return Err(PipelineError::Other(format!(
+                "restoring the resume table from {} did not finish within {} ({}); \
+                 check the brokers or raise resume.restore_timeout",
+                resume.topic,
+                humantime::format_duration(resume.restore_timeout),
+                behind.join(", ")
+            )));
+        }
         let m = match consumer.poll(Duration::from_millis(100)) {
             None => continue,
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                remaining.remove(&p);
+                // The consumer is at the partition's current end, past the one taken above.
+                ends.remove(&p);
                 continue;
             }
             Some(Err(e)) => return Err(PipelineError::kafka("reading the resume topic")(e)),
             Some(Ok(m)) => m,
         };
-        last_record = Instant::now();
-        let p = m.partition();
+        let (p, offset) = (m.partition(), m.offset());
+        positions.insert(p, offset + 1);
         let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
         let Some((profile, title)) = crate::record::split_resume_key(&key) else {
             tracing::warn!(
@@ -257,6 +293,7 @@ pub fn restore(
     let mut batch = WriteBatch::default();
     store.stage_table_restored(&mut batch);
     store.commit(batch)?;
+    crate::metrics::table_restore_remaining(0);
     crate::metrics::table_restored(restored, started.elapsed());
     tracing::info!(records = restored, seconds = started.elapsed().as_secs_f64(), topic = %resume.topic, "resume table restored");
     Ok(restored)
@@ -474,7 +511,7 @@ impl TableStage {
                     );
                     self.view.set_owned(p, true);
                 }
-                self.health.set_ready(true);
+                self.health.set_ready("resume", true);
             }
             Assignment::Revoked(partitions) => {
                 self.checkpoint(source, true)?;

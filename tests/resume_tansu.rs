@@ -396,3 +396,51 @@ fn topic_len(topic: &str, at_least: usize) -> usize {
     )
     .len()
 }
+
+/// A restore that cannot read the table's topic to its end within `restore_timeout` fails the
+/// instance (non-zero exit, the reason on stderr) instead of serving a table with entries
+/// missing.
+#[test]
+fn a_restore_that_cannot_finish_fails_the_instance() {
+    let brokers = broker().addr.clone();
+    let input = unique("resume-timeout");
+    common::create_topic(&brokers, &input, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let file = topology_file(dir.path(), &input, &state);
+    let http_registry = HttpRegistry::new(&registry().url()).unwrap();
+    let publisher = Publisher::new(&brokers, &http_registry, &input, Some(3)).unwrap();
+    for a in Generator::new(GenOptions::default()).take(2_000) {
+        publisher.send(&a.event).unwrap();
+    }
+    publisher.flush().unwrap();
+    let mut child = spawn(&file, &format!("127.0.0.1:{}", free_port()));
+    topic_table(&format!("{input}-positions"), 50);
+    child.terminate();
+
+    // A new machine that may take 1 ms to rebuild the table.
+    std::fs::remove_dir_all(&state).unwrap();
+    let text = std::fs::read_to_string(&file).unwrap().replace(
+        "emit_interval = \"200ms\"",
+        "emit_interval = \"200ms\"\nrestore_timeout = \"1ms\"",
+    );
+    std::fs::write(&file, text).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_marquee"))
+        .args(["run", file.to_str().unwrap(), "--brokers", &brokers])
+        .args(["--registry", &registry().url()])
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let status = wait_for("the instance to exit", Duration::from_secs(60), || {
+        child.0.try_wait().unwrap()
+    });
+    assert!(!status.success(), "a failed restore exits non-zero");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.contains("did not finish within 1ms") && stderr.contains("restore_timeout"),
+        "says why and what to change:\n{stderr}"
+    );
+}
