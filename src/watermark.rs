@@ -3,10 +3,12 @@
 //! A partition's watermark is the largest event time it has delivered minus the allowed
 //! out-of-orderness: records with event times below it are no longer expected. The operator
 //! watermark is the minimum over every partition of the input topic except owned partitions
-//! that have gone idle. A partition this instance does not own (yet, or any more: during a
-//! rebalance, or after a restart before the group has settled) is never idle, since nothing
-//! here can tell whether it is quiet; it holds windows open at its last checkpointed
-//! watermark, so no window closes without all of its partitions' records.
+//! that have gone idle: caught up with everything the broker holds and without a record for
+//! the idle timeout (a stall of Marquee itself restarts that clock). A partition this
+//! instance does not own (yet, or any more: during a rebalance, or after a restart before the
+//! group has settled) is never idle, since nothing here can tell whether it is quiet; it holds
+//! windows open at its last checkpointed watermark, so no window closes without all of its
+//! partitions' records.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -95,7 +95,8 @@ pub fn start_kafka() -> Broker {
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("kafka.log handle"))
         .stderr(log);
-    let mut child = spawn_tied_to_test_process(command);
+    let mut child = super::spawn_tied_to_test_process(command)
+        .unwrap_or_else(|e| panic!("cannot start java for Kafka: {e}"));
 
     let addr = format!("127.0.0.1:{port}");
     if let Err(why) = wait_until_serving(&addr, &mut child) {
@@ -193,30 +194,6 @@ fn cluster_id() -> String {
         })
         .map(|v| ALPHABET[v as usize] as char)
         .collect()
-}
-
-/// Spawns `command` so that it gets SIGKILL when the test process exits, as `start_tansu` does.
-fn spawn_tied_to_test_process(mut command: Command) -> Child {
-    // SAFETY: prctl is async-signal-safe; it makes the broker die with the test process.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        command.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    // PR_SET_PDEATHSIG fires when the spawning *thread* exits, so spawn from a thread that
-    // lives as long as the test process.
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(command.spawn());
-        loop {
-            std::thread::park();
-        }
-    });
-    rx.recv()
-        .expect("spawner thread answers")
-        .unwrap_or_else(|e| panic!("cannot start java for Kafka: {e}"))
 }
 
 /// Waits until the broker answers a metadata request listing itself, or fails early if the

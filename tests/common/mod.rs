@@ -61,21 +61,8 @@ fn tansu_binary() -> String {
     );
 }
 
-fn start_tansu() -> Broker {
-    let binary = tansu_binary();
-    let port = free_port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let mut command = Command::new(&binary);
-    command
-        .args([
-            "broker",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+/// Spawns `command` (a broker) so that it gets SIGKILL when the test process exits.
+pub fn spawn_tied_to_test_process(mut command: Command) -> std::io::Result<Child> {
     // SAFETY: prctl is async-signal-safe; it makes the broker die with the test process.
     unsafe {
         use std::os::unix::process::CommandExt;
@@ -93,9 +80,25 @@ fn start_tansu() -> Broker {
             std::thread::park();
         }
     });
-    let child = rx
-        .recv()
-        .expect("spawner thread answers")
+    rx.recv().expect("spawner thread answers")
+}
+
+fn start_tansu() -> Broker {
+    let binary = tansu_binary();
+    let port = free_port();
+    let url = format!("tcp://127.0.0.1:{port}");
+    let mut command = Command::new(&binary);
+    command
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let child = spawn_tied_to_test_process(command)
         .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
     let deadline = Instant::now() + Duration::from_secs(30);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
