@@ -30,7 +30,10 @@ pub const CF_META: &str = "__marquee_meta";
 const COLUMN_FAMILIES: [&str; 3] = [CF_WINDOWS, CF_RESUME, CF_META];
 
 const META_CLOSED_THROUGH: &[u8] = b"closed_through";
-const META_TABLE_RESTORED: &[u8] = b"resume/restored";
+/// The table is complete here, with profile-length-prefixed keys.
+const META_TABLE_RESTORED: &[u8] = b"resume/restored/v2";
+/// The marker of a table written with the earlier, NUL-separated keys.
+const META_TABLE_RESTORED_V1: &[u8] = b"resume/restored";
 
 /// A resume-table entry as stored: the entry and whether its output record is still owed.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -280,10 +283,19 @@ impl Store {
 
     /// Whether the table was rebuilt from its topic (or started fresh) in this directory.
     pub fn table_restored(&self) -> Result<bool, StateError> {
-        Ok(self
-            .db
-            .get_cf(self.cf(CF_META), META_TABLE_RESTORED)?
-            .is_some())
+        let meta = self.cf(CF_META);
+        if self.db.get_cf(meta, META_TABLE_RESTORED)?.is_some() {
+            return Ok(true);
+        }
+        // A table written with the earlier key format is dropped; the restore rebuilds it.
+        if self.db.get_cf(meta, META_TABLE_RESTORED_V1)?.is_some() {
+            let mut batch = WriteBatch::default();
+            batch.delete_range_cf(self.cf(CF_RESUME), &[][..], &[0xff][..]);
+            batch.delete_cf(meta, META_TABLE_RESTORED_V1);
+            self.commit(batch)?;
+            tracing::info!("the resume table was stored with an earlier key format; rebuilding it from its topic");
+        }
+        Ok(false)
     }
 
     /// Records that the table is complete in this directory.
@@ -456,6 +468,26 @@ mod tests {
             };
             prop_assert_eq!(strip(&restored), strip(&model));
         }
+    }
+
+    #[test]
+    fn a_table_in_the_earlier_key_format_is_dropped_for_a_rebuild() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8, 8).unwrap();
+        let mut batch = WriteBatch::default();
+        batch.put_cf(store.cf(CF_RESUME), b"\0\0\0\x01p\0t", b"{}");
+        batch.put_cf(store.cf(CF_META), META_TABLE_RESTORED_V1, [1]);
+        store.commit(batch).unwrap();
+        assert!(!store.table_restored().unwrap(), "rebuilt from the topic");
+        let left = store
+            .db
+            .iterator_cf(store.cf(CF_RESUME), rocksdb::IteratorMode::Start)
+            .count();
+        assert_eq!(left, 0, "old entries are gone");
+        let mut batch = WriteBatch::default();
+        store.stage_table_restored(&mut batch);
+        store.commit(batch).unwrap();
+        assert!(store.table_restored().unwrap());
     }
 
     #[test]
