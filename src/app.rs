@@ -140,11 +140,7 @@ fn run_qos(
         dead_letter: topology.sink.dead_letter_topic.clone(),
     };
     // Results are keyed by window and group: compaction only drops replayed duplicates.
-    let topic = |name, configs| TopicSpec {
-        name,
-        partitions: 1,
-        configs,
-    };
+    let topic = |name, configs| topic_spec(topology, name, topology.sink.partitions, configs);
     ensure_topics(
         &producer,
         &[
@@ -208,24 +204,23 @@ fn run_resume<'scope>(
     } else {
         repartition_topic.clone()
     };
+    let table_partitions = Some(resume.partitions);
     let mut topics = vec![
-        TopicSpec {
-            name: &resume.topic,
-            partitions: resume.partitions,
-            configs: COMPACTED,
-        },
-        TopicSpec {
-            name: &topology.sink.dead_letter_topic,
-            partitions: 1,
-            configs: &[],
-        },
+        topic_spec(topology, &resume.topic, table_partitions, COMPACTED),
+        topic_spec(
+            topology,
+            &topology.sink.dead_letter_topic,
+            topology.sink.partitions,
+            &[],
+        ),
     ];
     if !resume.input_keyed_by_profile {
-        topics.push(TopicSpec {
-            name: &repartition_topic,
-            partitions: resume.partitions,
-            configs: &[],
-        });
+        topics.push(topic_spec(
+            topology,
+            &repartition_topic,
+            table_partitions,
+            &[],
+        ));
     }
     ensure_topics(&producer, &topics)?;
     resume::restore(&table.store, &endpoints.brokers, resume, registry.as_ref())?;
@@ -291,4 +286,19 @@ fn run_resume<'scope>(
         })
     });
     result.and(repartitioned)
+}
+
+/// A topic this instance creates if it is missing, with the topology's replication factor.
+fn topic_spec<'a>(
+    topology: &Topology,
+    name: &'a str,
+    partitions: Option<i32>,
+    configs: &'a [(&'a str, &'a str)],
+) -> TopicSpec<'a> {
+    TopicSpec {
+        name,
+        partitions,
+        replication_factor: topology.sink.replication_factor,
+        configs,
+    }
 }

@@ -107,7 +107,8 @@ pub fn run(brokers: &str, options: &BenchOptions) -> Result<BenchReport, Pipelin
 
     let input = TopicSpec {
         name: &topic,
-        partitions,
+        partitions: Some(partitions),
+        replication_factor: None,
         configs: &[],
     };
     ensure_topics(&producer_config(brokers, &Default::default()), &[input])?;

@@ -176,6 +176,13 @@ pub struct SinkConfig {
     /// Topic receiving undecodable or untrusted records unchanged, with `marquee.*` headers.
     #[serde(default = "default_dead_letter_topic")]
     pub dead_letter_topic: String,
+    /// Partitions of the result, late and dead-letter topics when Marquee creates them;
+    /// default: the broker's `num.partitions`. (The resume topics use `resume.partitions`.)
+    pub partitions: Option<i32>,
+    /// Replicas of every topic Marquee creates; default: the broker's
+    /// `default.replication.factor`, so a multi-broker cluster never gets single-replica
+    /// topics by accident.
+    pub replication_factor: Option<i32>,
     /// Extra librdkafka producer properties, passed through unchanged.
     #[serde(default)]
     pub kafka: BTreeMap<String, String>,
@@ -187,6 +194,8 @@ impl Default for SinkConfig {
             topic: default_output_topic(),
             late_topic: default_late_topic(),
             dead_letter_topic: default_dead_letter_topic(),
+            partitions: None,
+            replication_factor: None,
             kafka: BTreeMap::new(),
         }
     }
@@ -361,6 +370,15 @@ impl Topology {
             check(
                 *topic != self.source.topic,
                 format!("`{key}` is `{topic}`, the input topic: expected a different topic"),
+            );
+        }
+        for (key, value) in [
+            ("sink.partitions", self.sink.partitions),
+            ("sink.replication_factor", self.sink.replication_factor),
+        ] {
+            check(
+                value.is_none_or(|v| v >= 1),
+                format!("`{key}` is {value:?}: expected at least 1 (or leave it out for the broker's default)"),
             );
         }
         check(

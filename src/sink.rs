@@ -309,7 +309,10 @@ pub const COMPACTED: &[(&str, &str)] = &[("cleanup.policy", "compact")];
 #[derive(Debug, Clone, Copy)]
 pub struct TopicSpec<'a> {
     pub name: &'a str,
-    pub partitions: i32,
+    /// Partitions; `None` takes the broker's `num.partitions`.
+    pub partitions: Option<i32>,
+    /// Replicas; `None` takes the broker's `default.replication.factor`.
+    pub replication_factor: Option<i32>,
     /// Topic settings, e.g. [`COMPACTED`].
     pub configs: &'a [(&'a str, &'a str)],
 }
@@ -357,7 +360,11 @@ pub fn ensure_topics(config: &ClientConfig, topics: &[TopicSpec<'_>]) -> Result<
         .filter(|t| !exists(t.name))
         .map(|t| {
             t.configs.iter().fold(
-                NewTopic::new(t.name, t.partitions, TopicReplication::Fixed(1)),
+                NewTopic::new(
+                    t.name,
+                    t.partitions.unwrap_or(-1),
+                    TopicReplication::Fixed(t.replication_factor.unwrap_or(-1)),
+                ),
                 |topic, (k, v)| topic.set(k, v),
             )
         })

@@ -173,3 +173,35 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
     }
 }
+
+/// Output topics take `sink.partitions` when Marquee creates them (the broker's defaults
+/// otherwise), even where a metadata request would auto-create them first.
+#[test]
+fn output_topics_take_the_configured_partitions() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let brokers = kafka().addr.clone();
+    let input = unique("topic-config");
+    common::create_topic(&brokers, &input, 2);
+    let dir = tempfile::tempdir().unwrap();
+    let mut topology = topology(&input, dir.path());
+    topology.sink.partitions = Some(3);
+    topology.sink.replication_factor = Some(1);
+    let running = Running::start(&topology, &brokers, None);
+    let metadata: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    for topic in [&topology.sink.topic, &topology.sink.late_topic] {
+        wait_for(
+            &format!("{topic} with 3 partitions"),
+            Duration::from_secs(30),
+            || {
+                let m = metadata
+                    .fetch_metadata(Some(topic), Duration::from_secs(5))
+                    .ok()?;
+                (m.topics().first()?.partitions().len() == 3).then_some(())
+            },
+        );
+    }
+    running.stop();
+}

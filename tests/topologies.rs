@@ -146,3 +146,9 @@ fn a_skew_bound_that_defeats_the_grace_is_rejected() {
     let t = Topology::parse(MINIMAL, Path::new("t.toml")).unwrap();
     assert_eq!(t.time.max_future_skew.as_secs(), 30, "the default fits");
 }
+
+#[test]
+fn topic_settings_must_be_positive() {
+    let e = error_of(&MINIMAL.replace("[state]\n", "[sink]\npartitions = 0\n[state]\n"));
+    assert!(e.contains("sink.partitions"), "{e}");
+}

@@ -144,7 +144,8 @@ pub fn create_topic(brokers: &str, topic: &str, partitions: i32) {
     let config = marquee::sink::producer_config(brokers, &Default::default());
     let spec = marquee::sink::TopicSpec {
         name: topic,
-        partitions,
+        partitions: Some(partitions),
+        replication_factor: None,
         configs: &[],
     };
     marquee::sink::ensure_topics(&config, &[spec]).expect("the test broker is reachable");
