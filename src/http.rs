@@ -198,6 +198,11 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 
 /// Longest continue-watching row a query may ask for.
 const MAX_LIMIT: usize = 1_000;
+/// Queries read at once (about the cores of a small machine, so the reads never starve the
+/// reactor that serves `/healthz` and `/metrics`); more get 503 rather than queue unbounded.
+pub const MAX_CONCURRENT_QUERIES: usize = 4;
+/// Longest a query may take before it gets 503.
+const QUERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Row length when the query names none.
 const DEFAULT_LIMIT: usize = 20;
 
@@ -216,6 +221,28 @@ fn not_owned(table: &TableView, profile: &str) -> Option<Response> {
         });
         (StatusCode::MISDIRECTED_REQUEST, Json(body)).into_response()
     })
+}
+
+/// Runs a RocksDB read on the blocking pool, so `/healthz` and `/metrics` keep answering while
+/// queries run; at most `MAX_CONCURRENT_QUERIES` at once and `QUERY_TIMEOUT` each, 503 beyond.
+async fn off_the_reactor<T: Send + 'static>(
+    table: &TableView,
+    read: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Response> {
+    let busy = || {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("more than {MAX_CONCURRENT_QUERIES} queries at once or one slower than {QUERY_TIMEOUT:?}; retry"),
+        )
+    };
+    let Ok(_permit) = table.queries.try_acquire() else {
+        return Err(busy());
+    };
+    match tokio::time::timeout(QUERY_TIMEOUT, tokio::task::spawn_blocking(read)).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+        Err(_) => Err(busy()),
+    }
 }
 
 async fn continue_watching(
@@ -243,11 +270,18 @@ async fn continue_watching(
     if let Some(response) = not_owned(&table, &profile) {
         return response;
     }
-    let response = match table
-        .store
-        .table_profile(table.partition_of(&profile), &profile)
-    {
-        Ok(entries) => {
+    let read = {
+        let (table, profile) = (Arc::clone(&table), profile.clone());
+        move || {
+            table
+                .store
+                .table_profile(table.partition_of(&profile), &profile)
+        }
+    };
+    let response = match off_the_reactor(&table, read).await {
+        Err(response) => response,
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Ok(Ok(entries)) => {
             let mut row: Vec<ResumePosition> = entries
                 .into_iter()
                 .map(|s| s.entry.position)
@@ -261,7 +295,6 @@ async fn continue_watching(
             row.truncate(limit);
             Json(row).into_response()
         }
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
     crate::metrics::query("continue_watching", started.elapsed());
     response
@@ -275,16 +308,22 @@ async fn title_position(
     if let Some(response) = not_owned(&table, &profile) {
         return response;
     }
-    let response = match table
-        .store
-        .table_get(table.partition_of(&profile), &profile, &title)
-    {
-        Ok(Some(stored)) => Json(stored.entry.position).into_response(),
-        Ok(None) => error(
+    let read = {
+        let (table, profile, title) = (Arc::clone(&table), profile.clone(), title.clone());
+        move || {
+            table
+                .store
+                .table_get(table.partition_of(&profile), &profile, &title)
+        }
+    };
+    let response = match off_the_reactor(&table, read).await {
+        Err(response) => response,
+        Ok(Ok(Some(stored))) => Json(stored.entry.position).into_response(),
+        Ok(Ok(None)) => error(
             StatusCode::NOT_FOUND,
             format!("no position for profile {profile} and title {title}"),
         ),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
     crate::metrics::query("title", started.elapsed());
     response

@@ -55,6 +55,8 @@ pub struct TableView {
     /// Number of table partitions (of the repartition and output topics).
     pub partitions: i32,
     owned: RwLock<BTreeSet<i32>>,
+    /// Caps the queries answered at once (see `crate::http`).
+    pub queries: tokio::sync::Semaphore,
 }
 
 impl TableView {
@@ -64,6 +66,7 @@ impl TableView {
             store,
             partitions,
             owned: RwLock::new(BTreeSet::new()),
+            queries: tokio::sync::Semaphore::new(crate::http::MAX_CONCURRENT_QUERIES),
         }
     }
 
