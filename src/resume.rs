@@ -197,8 +197,8 @@ pub fn restore(
         .unwrap_or_default();
     // Every partition is read until the consumer reaches its end (partition EOF: the position
     // is at the broker's high watermark, at least the end when the restore began), within
-    // `restore_timeout`. The end offsets asked for now only measure progress: Tansu reports
-    // the last batch's first offset instead of the high watermark.
+    // `restore_timeout`. The end offsets asked for now only measure progress: those Tansu 0.6
+    // reports fall short of the high watermark (a restore that stopped there missed entries).
     let mut tpl = TopicPartitionList::new();
     let mut ends: BTreeMap<i32, Option<i64>> = BTreeMap::new();
     for &p in &partitions {
