@@ -32,6 +32,19 @@ fn entry(profile: &str, title: &str, updated_at: i64, position_ms: i64) -> Store
     }
 }
 
+/// Serves the table queries of `view` on a free port.
+fn serve(view: Arc<TableView>) -> (marquee::http::BackgroundServer, String) {
+    let server = marquee::http::start(
+        "127.0.0.1:0".parse().unwrap(),
+        marquee::metrics::install(),
+        Arc::new(Health::default()),
+        Some(view),
+    )
+    .unwrap();
+    let addr = server.addr().to_string();
+    (server, addr)
+}
+
 #[test]
 fn queries_answer_for_owned_partitions_and_redirect_the_rest() {
     let dir = tempfile::tempdir().unwrap();
@@ -57,14 +70,7 @@ fn queries_answer_for_owned_partitions_and_redirect_the_rest() {
         store.stage_table_put(&mut batch, 0, &stored);
     }
     store.commit(batch).unwrap();
-    let server = marquee::http::start(
-        "127.0.0.1:0".parse().unwrap(),
-        marquee::metrics::install(),
-        Arc::new(Health::default()),
-        Some(view),
-    )
-    .unwrap();
-    let addr = server.addr().to_string();
+    let (_server, addr) = serve(view);
 
     let (status, body) = http_get(
         &addr,
@@ -124,14 +130,7 @@ fn heavy_queries_do_not_stall_health_and_metrics() {
         store.stage_table_put(&mut batch, 0, &entry("binge", &format!("t{t}"), t, 100));
     }
     store.commit(batch).unwrap();
-    let server = marquee::http::start(
-        "127.0.0.1:0".parse().unwrap(),
-        marquee::metrics::install(),
-        Arc::new(Health::default()),
-        Some(view),
-    )
-    .unwrap();
-    let addr = server.addr().to_string();
+    let (_server, addr) = serve(view);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let clients: Vec<_> = (0..64)
         .map(|_| {

@@ -29,15 +29,9 @@ const JVM_FLAGS: &[&str] = &[
     "-Djava.awt.headless=true",
 ];
 
-/// The Kafka broker shared by every test in this binary (also sets up test logging: RUST_LOG,
-/// as `super::broker()` does).
+/// The Kafka broker shared by every test in this binary (also sets up test logging).
 pub fn kafka() -> &'static Broker {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
+    super::init_logging();
     static KAFKA: OnceLock<Broker> = OnceLock::new();
     KAFKA.get_or_init(start_kafka)
 }

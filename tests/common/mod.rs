@@ -24,14 +24,19 @@ pub struct Broker {
     _child: Child,
 }
 
-/// The broker shared by every test in this binary (also sets up test logging: RUST_LOG).
-pub fn broker() -> &'static Broker {
+/// Test logging, filtered by RUST_LOG (default `warn`); set up once per test binary.
+pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_test_writer()
         .try_init();
+}
+
+/// The Tansu broker shared by every test in this binary (also sets up test logging).
+pub fn broker() -> &'static Broker {
+    init_logging();
     static BROKER: OnceLock<Broker> = OnceLock::new();
     BROKER.get_or_init(start_tansu)
 }
