@@ -232,8 +232,9 @@ const SEEK_BACK_FIRST: i64 = 1024;
 /// the next batch (or nothing), so the records after the position are silently skipped. When
 /// the first record lies past the target, or nothing arrives although the broker holds more,
 /// the partition is sought back further and further until the broker serves a record at or
-/// before the target; the caller skips the records before it. Records that are truly gone
-/// (retention, compaction) are reported once the search has reached offset 0.
+/// before the target; the caller skips the records before it. A legitimate gap (compaction,
+/// transaction markers) ends the search at the first step; offsets deleted by retention are
+/// reported once the search has reached offset 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reposition {
     /// The offset the partition must continue at.
