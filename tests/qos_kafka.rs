@@ -205,3 +205,104 @@ fn output_topics_take_the_configured_partitions() {
     }
     running.stop();
 }
+
+/// 10,000 hostile records (random bytes, wrong magic bytes, fuzzed Avro, absurd numbers,
+/// huge strings, clocks far ahead and far behind) mixed into a generated stream, plus good
+/// events whose identifiers hold `/` and NUL: the pipeline never stops, every hostile record
+/// is dead-lettered with a reason, and the windows and the late topic equal the reference
+/// over the good records alone.
+#[test]
+fn hostile_records_change_nothing_and_stop_nothing() {
+    use rand::{Rng, SeedableRng};
+    let brokers = kafka().addr.clone();
+    let input = unique("hostile");
+    common::create_topic(&brokers, &input, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let topology = topology(&input, dir.path());
+    let mut good = dataset(43, 12_000);
+    for (i, (_, e)) in good.iter_mut().enumerate().filter(|(i, _)| i % 100 == 7) {
+        e.cdn = format!("edge/{}\0x", i % 3);
+        e.profile_id = format!("we/ird\0{i}");
+    }
+    let expected = expected(&good);
+    let feeder = Feeder::new(&brokers, &input);
+    let mut decoder = marquee::decode::Decoder::new(std::sync::Arc::new(
+        marquee::registry::HttpRegistry::new(&registry().url()).unwrap(),
+    ));
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(43);
+    let now = marquee::pipeline::wall_clock_ms();
+    let mut hostile = 0;
+    for (i, (p, e)) in good.iter().enumerate() {
+        feeder.event(*p, e, i);
+        if i % 6 != 5 && hostile < 10_000 {
+            let mut bad = e.clone();
+            bad.event_id = format!("hostile-{i}");
+            let value = match i % 7 {
+                0 => (0..rng.random_range(0..40)).map(|_| rng.random()).collect(),
+                1 => {
+                    let mut v = feeder.v1.encode(e).unwrap();
+                    v[0] = rng.random_range(1..=255);
+                    v
+                }
+                2 => {
+                    let mut v = feeder.v1.encode(e).unwrap();
+                    for b in v.iter_mut().skip(5) {
+                        if rng.random_bool(0.2) {
+                            *b = rng.random();
+                        }
+                    }
+                    v
+                }
+                3 => {
+                    bad.play_ms = rng.random_range(i64::MIN..0);
+                    feeder.v1.encode(&bad).unwrap()
+                }
+                4 => {
+                    bad.event_time = now + 86_400_000;
+                    feeder.v1.encode(&bad).unwrap()
+                }
+                5 => {
+                    bad.event_time = rng.random_range(i64::MIN..0);
+                    feeder.v1.encode(&bad).unwrap()
+                }
+                _ => {
+                    bad.cdn = "c".repeat(if i % 500 == 6 { 100_000 } else { 65 });
+                    feeder.v1.encode(&bad).unwrap()
+                }
+            };
+            // Fuzzed bytes can, rarely, still form a valid event: such a record is not hostile.
+            let key = e.session_id.as_bytes();
+            let accepted = decoder
+                .decode(Some(key), Some(&value))
+                .unwrap()
+                .and_then(|ev| marquee::check::check(&ev, Some(now), 6_000).map(|()| ev));
+            if accepted.is_err() {
+                feeder.raw(*p, Some(key), Some(&value));
+                hostile += 1;
+            }
+        }
+    }
+    feeder.flush();
+    assert!(hostile >= 9_500, "{hostile} hostile records");
+
+    let running = Running::start(&topology, &brokers, None);
+    let (results, late) = read_outputs(&brokers, &topology, &expected, Duration::from_secs(120));
+    let dead = read_topic(
+        &brokers,
+        &topology.sink.dead_letter_topic,
+        hostile,
+        Duration::from_secs(1),
+        Duration::from_secs(60),
+    );
+    running.stop();
+    assert_results_equal(&results_by_key(&results), &expected.results);
+    assert_eq!(late_event_ids(&late), expected.late);
+    assert_eq!(
+        dead.len(),
+        hostile,
+        "every hostile record is dead-lettered once"
+    );
+    assert!(dead
+        .iter()
+        .all(|r| r.header("marquee.reason").is_some_and(|x| !x.is_empty())));
+}
