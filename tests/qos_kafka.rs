@@ -209,8 +209,8 @@ fn output_topics_take_the_configured_partitions() {
 /// 10,000 hostile records (random bytes, wrong magic bytes, fuzzed Avro, absurd numbers,
 /// huge strings, clocks far ahead and far behind) mixed into a generated stream, plus good
 /// events whose identifiers hold `/` and NUL: the pipeline never stops, every hostile record
-/// is dead-lettered with a reason, and the windows and the late topic equal the reference
-/// over the good records alone.
+/// is dead-lettered with a reason, and the windows, the late topic and the resume table equal
+/// the reference over the good records alone.
 #[test]
 fn hostile_records_change_nothing_and_stop_nothing() {
     use rand::{Rng, SeedableRng};
@@ -218,13 +218,20 @@ fn hostile_records_change_nothing_and_stop_nothing() {
     let input = unique("hostile");
     common::create_topic(&brokers, &input, 3);
     let dir = tempfile::tempdir().unwrap();
-    let topology = topology(&input, dir.path());
+    // Both operators: the windows and the resume table.
+    let toml = topology_toml(&input, dir.path()).replace(
+        "[sink]",
+        &format!("[resume]\ntopic = \"{input}-positions\"\npartitions = 2\nemit_interval = \"100ms\"\n[sink]"),
+    );
+    let topology = marquee::config::Topology::parse(&toml, std::path::Path::new("t.toml")).unwrap();
     let mut good = dataset(43, 12_000);
     for (i, (_, e)) in good.iter_mut().enumerate().filter(|(i, _)| i % 100 == 7) {
         e.cdn = format!("edge/{}\0x", i % 3);
         e.profile_id = format!("we/ird\0{i}");
     }
     let expected = expected(&good);
+    let good_events: Vec<PlaybackEvent> = good.iter().map(|(_, e)| e.clone()).collect();
+    let positions = common::resume::expected_positions(&good_events);
     let feeder = Feeder::new(&brokers, &input);
     let mut decoder = marquee::decode::Decoder::new(std::sync::Arc::new(
         marquee::registry::HttpRegistry::new(&registry().url()).unwrap(),
@@ -297,10 +304,35 @@ fn hostile_records_change_nothing_and_stop_nothing() {
     running.stop();
     assert_results_equal(&results_by_key(&results), &expected.results);
     assert_eq!(late_event_ids(&late), expected.late);
+    let table =
+        common::resume::topic_table(&brokers, &format!("{input}-positions"), positions.len());
+    let differing: Vec<_> = positions
+        .iter()
+        .filter(|(k, want)| table.get(*k) != Some(*want))
+        .take(3)
+        .collect();
+    assert!(
+        table.len() == positions.len() && differing.is_empty(),
+        "resume table: {} keys, {} expected; differing {differing:?}",
+        table.len(),
+        positions.len()
+    );
+    // Both the windows and the repartition step read the input (one decode per operator until
+    // the shared runtime exists), so a hostile record has a dead letter per reader.
+    let offsets: std::collections::BTreeSet<(&str, &str)> = dead
+        .iter()
+        .map(|r| {
+            let source = |h| r.header(h).unwrap();
+            (
+                source("marquee.source.partition"),
+                source("marquee.source.offset"),
+            )
+        })
+        .collect();
     assert_eq!(
-        dead.len(),
+        offsets.len(),
         hostile,
-        "every hostile record is dead-lettered once"
+        "every hostile record is dead-lettered"
     );
     assert!(dead
         .iter()

@@ -5,6 +5,7 @@
 pub mod kafka;
 pub mod qos;
 pub mod reference;
+pub mod resume;
 
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
