@@ -93,10 +93,7 @@ fn run_operators(
         let mut tasks = Vec::new();
         if let Some(qos) = topology.qos.clone() {
             let (registry, store, stop) = (Arc::clone(&registry), Arc::clone(&store), stop.clone());
-            tasks.push(scope.spawn(move || {
-                // Cancels the other operators however this one ends, a panic included, so
-                // the process never keeps running half of its topology.
-                let _stop_all = stop.clone().drop_guard();
+            tasks.push(spawn_operator(scope, &stop.clone(), move || {
                 run_qos(
                     topology, &qos, endpoints, registry, store, health, on_result, &stop,
                 )
@@ -104,8 +101,7 @@ fn run_operators(
         }
         if let (Some(resume), Some(table)) = (topology.resume.clone(), table) {
             let (registry, stop) = (Arc::clone(&registry), stop.clone());
-            tasks.push(scope.spawn(move || {
-                let _stop_all = stop.clone().drop_guard();
+            tasks.push(spawn_operator(scope, &stop.clone(), move || {
                 run_resume(
                     topology, &resume, endpoints, registry, table, health, &stop, scope,
                 )
@@ -113,13 +109,34 @@ fn run_operators(
         }
         tasks
             .into_iter()
-            .map(|t| {
-                t.join().unwrap_or_else(|_| {
-                    Err(PipelineError::Other("an operator thread panicked".into()))
-                })
-            })
+            .map(join_operator)
             .fold(Ok(()), Result::and)
     })
+}
+
+/// Runs `operator` on its own scoped thread. However it ends, a panic included, it cancels
+/// `stop`, so the other operators end too and the process never keeps half a topology running.
+fn spawn_operator<'scope, F>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    stop: &CancellationToken,
+    operator: F,
+) -> std::thread::ScopedJoinHandle<'scope, Result<(), PipelineError>>
+where
+    F: FnOnce() -> Result<(), PipelineError> + Send + 'scope,
+{
+    let stop = stop.clone();
+    scope.spawn(move || {
+        let _stop_all = stop.drop_guard();
+        operator()
+    })
+}
+
+/// Waits for an operator thread; a panic becomes an error that fails the instance.
+fn join_operator(
+    task: std::thread::ScopedJoinHandle<'_, Result<(), PipelineError>>,
+) -> Result<(), PipelineError> {
+    task.join()
+        .unwrap_or_else(|_| Err(PipelineError::Other("an operator thread panicked".into())))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -248,8 +265,7 @@ fn run_resume<'scope>(
             .map_err(PipelineError::kafka("creating the repartition producer"))?;
         let decoder = Decoder::new(Arc::clone(&registry));
         let (resume, stop) = (resume.clone(), stop.clone());
-        Some(scope.spawn(move || {
-            let _stop_all = stop.clone().drop_guard();
+        Some(spawn_operator(scope, &stop.clone(), move || {
             resume::repartition(
                 topology,
                 &resume,
@@ -278,13 +294,7 @@ fn run_resume<'scope>(
     );
     let result = stage.run(&source, stop);
     stop.cancel();
-    let repartitioned = repartitioner.map_or(Ok(()), |t| {
-        t.join().unwrap_or_else(|_| {
-            Err(PipelineError::Other(
-                "the repartition thread panicked".into(),
-            ))
-        })
-    });
+    let repartitioned = repartitioner.map_or(Ok(()), join_operator);
     result.and(repartitioned)
 }
 
@@ -300,5 +310,34 @@ fn topic_spec<'a>(
         partitions,
         replication_factor: topology.sink.replication_factor,
         configs,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_panicking_operator_stops_the_others_and_fails_the_instance() {
+        let stop = CancellationToken::new();
+        let result = std::thread::scope(|scope| {
+            let watcher = stop.clone();
+            let waiting = spawn_operator(scope, &stop, move || {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !watcher.is_cancelled() {
+                    if Instant::now() > deadline {
+                        return Err(PipelineError::Other("never told to stop".into()));
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Ok(())
+            });
+            let panicking = spawn_operator(scope, &stop, || panic!("an operator bug"));
+            let failed = join_operator(panicking);
+            (failed, join_operator(waiting))
+        });
+        assert!(matches!(result.0, Err(PipelineError::Other(m)) if m.contains("panicked")));
+        assert!(result.1.is_ok(), "the other operator was stopped");
     }
 }
