@@ -231,16 +231,13 @@ impl Pipeline {
                 }
                 tracing::debug!(partition = p, paused = ahead, "watermark alignment");
             }
-            if !part.paused {
+            // Only a repositioned partition that delivers nothing needs the broker's end.
+            if let Some(r) = part.reposition.as_mut().filter(|_| !part.paused) {
                 let high = self.source.cached_high_watermark(p);
-                let silent = part.reposition.as_mut().and_then(|r| {
-                    r.silent(high, REPOSITION_PATIENCE, core.now)
-                        .map(|landing| (landing, r.target))
-                });
-                match silent {
-                    Some((Landing::SeekBack(to), _)) => core.seeks.push((p, to)),
-                    Some((Landing::Missing, target)) => {
-                        missing(p, target, high.unwrap_or(target));
+                match r.silent(high, REPOSITION_PATIENCE, core.now) {
+                    Some(Landing::SeekBack(to)) => core.seeks.push((p, to)),
+                    Some(Landing::Missing) => {
+                        missing(p, r.target, high.unwrap_or(r.target));
                         part.reposition = None;
                     }
                     _ => {}

@@ -9,7 +9,7 @@ use common::qos::{
     assert_results_equal, dataset, expected, late_event_ids, read_outputs, results_by_key,
     topology, topology_toml, Feeder,
 };
-use common::{read_topic, registry, unique, wait_for, KillOnDrop, Running};
+use common::{read_topic, registry, unique, wait_for, wait_for_first_record, KillOnDrop, Running};
 use marquee::record::PlaybackEvent;
 
 /// Watermark alignment pauses and resumes partitions many times while a backlog with a hot
@@ -25,20 +25,6 @@ fn send(feeder: &Feeder, events: &[(i32, PlaybackEvent)], first: usize) {
         feeder.event(*p, e, first + i);
     }
     feeder.flush();
-}
-
-/// Waits until the result topic of `topic_name` holds at least one record.
-fn wait_for_results(brokers: &str, topic_name: &str) {
-    wait_for("the first results", Duration::from_secs(60), || {
-        let seen = read_topic(
-            brokers,
-            topic_name,
-            1,
-            Duration::ZERO,
-            Duration::from_millis(500),
-        );
-        (!seen.is_empty()).then_some(())
-    });
 }
 
 /// The process stops for 40 s (SIGSTOP: no polls, no fetches) in the middle of a backlog, ten
@@ -72,7 +58,7 @@ fn a_40_second_stall_in_a_backlog_changes_no_record() {
         .spawn()
         .expect("marquee binary starts");
     let mut child = KillOnDrop(child);
-    wait_for_results(&brokers, &topology.sink.topic);
+    wait_for_first_record(&brokers, &topology.sink.topic);
     // SAFETY: kill(2) on a child we spawned and have not reaped.
     unsafe { libc::kill(child.0.id() as i32, libc::SIGSTOP) };
     // The rest of the backlog arrives while the process cannot look.
@@ -104,7 +90,7 @@ fn an_older_state_directory_still_gives_exact_results() {
 
     send(&feeder, thirds[0], 0);
     let running = Running::start(&topology, &brokers, None);
-    wait_for_results(&brokers, &topology.sink.topic);
+    wait_for_first_record(&brokers, &topology.sink.topic);
     std::thread::sleep(Duration::from_secs(1));
     running.stop();
     let older = dir.path().join("older");
@@ -112,21 +98,7 @@ fn an_older_state_directory_still_gives_exact_results() {
 
     send(&feeder, thirds[1], thirds[0].len());
     let running = Running::start(&topology, &brokers, None);
-    wait_for(
-        "the second third to be read",
-        Duration::from_secs(60),
-        || {
-            let n = read_topic(
-                &brokers,
-                &topology.sink.topic,
-                1,
-                Duration::from_millis(500),
-                Duration::from_secs(5),
-            )
-            .len();
-            (n > 0).then_some(())
-        },
-    );
+    wait_for_first_record(&brokers, &topology.sink.topic);
     std::thread::sleep(Duration::from_secs(3));
     running.stop();
 

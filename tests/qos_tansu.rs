@@ -13,7 +13,8 @@ use common::qos::{
     topology, Feeder,
 };
 use common::{
-    broker, free_port, http_get, read_topic, registry, unique, wait_for, Consumed, Running,
+    broker, free_port, http_get, read_topic, registry, unique, wait_for_first_record, Consumed,
+    Running,
 };
 use marquee::config::Topology;
 use marquee::decode::frame;
@@ -257,16 +258,7 @@ fn sigkill_and_restart_ends_with_the_same_records() {
     for chunk in &chunks[1..] {
         let mut child = spawn();
         // Let it get into the middle of its work, then kill it without warning.
-        wait_for("the first results", Duration::from_secs(60), || {
-            let seen = read_topic(
-                &brokers,
-                &topology.sink.topic,
-                1,
-                Duration::ZERO,
-                Duration::from_millis(500),
-            );
-            (!seen.is_empty()).then_some(())
-        });
+        wait_for_first_record(&brokers, &topology.sink.topic);
         send(chunk);
         std::thread::sleep(Duration::from_millis(300));
         child.kill();

@@ -347,6 +347,24 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// Waits until `topic` holds at least one record (an instance has produced its first output).
+pub fn wait_for_first_record(brokers: &str, topic: &str) {
+    wait_for(
+        &format!("the first record in {topic}"),
+        Duration::from_secs(60),
+        || {
+            let seen = read_topic(
+                brokers,
+                topic,
+                1,
+                Duration::ZERO,
+                Duration::from_millis(500),
+            );
+            (!seen.is_empty()).then_some(())
+        },
+    );
+}
+
 /// Sum of the samples of metric `name` whose labels contain `label` (for example
 /// `topic="x"`) in a Prometheus text page.
 pub fn metric_sum(page: &str, name: &str, label: &str) -> f64 {
