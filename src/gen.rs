@@ -369,9 +369,14 @@ impl Publisher {
         crate::sink::send_with_backpressure(&self.producer, record)
     }
 
-    /// Waits until everything sent is delivered.
+    /// Waits until everything sent is delivered; a refused event is an error here.
     pub fn flush(&self) -> Result<(), crate::error::PipelineError> {
-        crate::sink::flush_and_check(&self.producer)
+        match crate::sink::flush_and_check(&self.producer)?.first() {
+            None => Ok(()),
+            Some(refused) => Err(crate::error::PipelineError::Other(format!(
+                "the broker refused a generated event: {refused}"
+            ))),
+        }
     }
 }
 

@@ -151,14 +151,12 @@ pub fn repartition(
             offsets.insert(origin.partition, origin.offset + 1);
         }
         if last_commit.elapsed() >= topology.state.checkpoint_interval {
-            crate::sink::flush_and_check(&producer)?;
-            dead_letters.flush()?;
+            dead_letters.flush_also(&producer)?;
             source.commit(std::mem::take(&mut offsets));
             last_commit = Instant::now();
         }
     }
-    crate::sink::flush_and_check(&producer)?;
-    dead_letters.flush()?;
+    dead_letters.flush_also(&producer)?;
     source.commit(offsets);
     Ok(())
 }

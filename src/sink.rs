@@ -5,6 +5,10 @@
 //! The pipeline flushes before it writes a checkpoint, so an offset is only stored once the
 //! outputs it produced are on the broker (at-least-once; keyed, deterministic outputs make a
 //! replay overwrite rather than add).
+//!
+//! An output the broker refuses because of the record itself (too large for the topic, a
+//! timestamp outside its bounds) would fail every flush after every restart: it goes to the
+//! dead-letter topic instead, with reason `output_refused` (see [`Sink::flush`]).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +19,7 @@ use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::Schema;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders, ToBytes};
+use rdkafka::message::{Header, Headers, OwnedHeaders, ToBytes};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Message};
 use serde::Serialize;
@@ -70,11 +74,21 @@ impl AvroEncoder {
     }
 }
 
-/// Counts failed deliveries; reported by the next [`Sink::flush`].
+/// Counts failed deliveries and keeps refused records; reported by the next [`flush_and_check`].
 #[derive(Default)]
 pub struct DeliveryTracker {
     failures: AtomicU64,
     first_error: Mutex<Option<String>>,
+    refused: Mutex<Vec<Refused>>,
+}
+
+impl DeliveryTracker {
+    fn refuse(&self, refused: Refused) {
+        self.refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(refused);
+    }
 }
 
 impl ClientContext for DeliveryTracker {}
@@ -83,12 +97,71 @@ impl ProducerContext for DeliveryTracker {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if let Err((error, message)) = result {
-            self.failures.fetch_add(1, Ordering::Relaxed);
-            let mut first = self.first_error.lock().unwrap_or_else(|e| e.into_inner());
-            first.get_or_insert_with(|| format!("to {}: {error}", message.topic()));
+        let Err((error, message)) = result else {
+            return;
+        };
+        match refusal(error) {
+            Some(error) => self.refuse(Refused {
+                topic: message.topic().to_string(),
+                key: message.key().map(<[u8]>::to_vec),
+                value: message.payload().map(<[u8]>::to_vec),
+                headers: message.headers().map(owned_headers).unwrap_or_default(),
+                error,
+            }),
+            None => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                let mut first = self.first_error.lock().unwrap_or_else(|e| e.into_inner());
+                first.get_or_insert_with(|| format!("to {}: {error}", message.topic()));
+            }
         }
     }
+}
+
+/// An output the broker (or the producer's own size limit) refused because of the record
+/// itself: sending it again can never succeed.
+#[derive(Debug)]
+pub struct Refused {
+    topic: String,
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    headers: Vec<(String, Vec<u8>)>,
+    error: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let bytes = self.value.as_ref().map_or(0, Vec::len);
+        write!(
+            f,
+            "{} refused a record of {bytes} bytes: {}",
+            self.topic, self.error
+        )
+    }
+}
+
+/// The description of `error` when it condemns the record rather than the broker or network.
+fn refusal(error: &KafkaError) -> Option<String> {
+    use RDKafkaErrorCode::*;
+    let code = match error {
+        KafkaError::MessageProduction(code) => *code,
+        _ => return None,
+    };
+    matches!(
+        code,
+        InvalidMessageSize
+            | MessageSizeTooLarge
+            | MessageBatchTooLarge
+            | InvalidTimestamp
+            | InvalidRecord
+    )
+    .then(|| error.to_string())
+}
+
+fn owned_headers(headers: &impl Headers) -> Vec<(String, Vec<u8>)> {
+    headers
+        .iter()
+        .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+        .collect()
 }
 
 /// Producer defaults: safe delivery and a bounded queue. Topology `sink.kafka` entries win.
@@ -213,8 +286,94 @@ impl Sink {
     }
 
     /// Waits until every record sent so far is delivered; fails if any delivery failed.
+    ///
+    /// Outputs refused because of the record itself go to the dead-letter topic (reason
+    /// `output_refused`); a refused dead-letter copy is sent again without its value, and only
+    /// when even that is refused does the flush fail.
     pub fn flush(&self) -> Result<(), PipelineError> {
-        flush_and_check(&self.producer)
+        loop {
+            let refused = flush_and_check(&self.producer)?;
+            if refused.is_empty() {
+                return Ok(());
+            }
+            self.dead_letter_refused(refused)?;
+        }
+    }
+
+    /// Flushes `other` (a producer of another output), dead-lettering what it had refused, and
+    /// then this sink.
+    pub fn flush_also(
+        &self,
+        other: &ThreadedProducer<DeliveryTracker>,
+    ) -> Result<(), PipelineError> {
+        let refused = flush_and_check(other)?;
+        self.dead_letter_refused(refused)?;
+        self.flush()
+    }
+
+    fn dead_letter_refused(&self, refused: Vec<Refused>) -> Result<(), PipelineError> {
+        let dead_letter = self.topics.dead_letter.as_str();
+        for r in refused {
+            crate::metrics::output_refused(&r.topic);
+            tracing::warn!(
+                topic = r.topic,
+                key = %String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()),
+                error = r.error,
+                "the broker refused an output because of the record itself; \
+                 it goes to the dead-letter topic with reason output_refused"
+            );
+            let omit_value = r.topic == dead_letter;
+            if omit_value && r.value.is_none() {
+                return Err(PipelineError::Other(format!(
+                    "the dead-letter topic {dead_letter} refused a record even without its value: {} \
+                     (check the topic's max.message.bytes and message.timestamp settings)",
+                    r.error
+                )));
+            }
+            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + 3);
+            if omit_value {
+                // The dead-letter copy itself was refused: the same record without its value
+                // (its source coordinates tell where the original is).
+                for (k, v) in &r.headers {
+                    headers = headers.insert(Header {
+                        key: k,
+                        value: Some(v),
+                    });
+                }
+                let size = r.value.as_ref().map_or(0, Vec::len).to_string();
+                headers = headers
+                    .insert(header("marquee.value.omitted.bytes", &size))
+                    .insert(header("marquee.value.omitted.error", &r.error));
+            } else {
+                // The refusal's reason replaces an earlier one (a late copy's); the source
+                // coordinates stay.
+                for (k, v) in r
+                    .headers
+                    .iter()
+                    .filter(|(k, _)| !matches!(k.as_str(), "marquee.reason" | "marquee.error"))
+                {
+                    headers = headers.insert(Header {
+                        key: k,
+                        value: Some(v),
+                    });
+                }
+                headers = headers
+                    .insert(header("marquee.reason", "output_refused"))
+                    .insert(header("marquee.error", &r.error))
+                    .insert(header("marquee.output.topic", &r.topic));
+            }
+            // No timestamp: the broker's own clock always passes its timestamp bounds.
+            let mut record: BaseRecord<'_, [u8], [u8]> =
+                BaseRecord::to(dead_letter).headers(headers);
+            if let Some(key) = &r.key {
+                record = record.key(key);
+            }
+            if let Some(value) = r.value.as_ref().filter(|_| !omit_value) {
+                record = record.payload(value);
+            }
+            self.send(record)?;
+        }
+        Ok(())
     }
 
     fn origin_headers(&self, origin: Origin, reason: &str) -> OwnedHeaders {
@@ -274,13 +433,28 @@ where
                 record = back;
                 std::thread::sleep(Duration::from_millis(5));
             }
+            // Larger than the producer's `message.max.bytes`: refused like a broker would.
+            Err((e, back)) if refusal(&e).is_some() => {
+                producer.context().refuse(Refused {
+                    topic: back.topic.to_string(),
+                    key: back.key.map(|k| k.to_bytes().to_vec()),
+                    value: back.payload.map(|v| v.to_bytes().to_vec()),
+                    headers: back.headers.as_ref().map(owned_headers).unwrap_or_default(),
+                    error: e.to_string(),
+                });
+                return Ok(());
+            }
             Err((e, _)) => return Err(PipelineError::kafka("sending a record")(e)),
         }
     }
 }
 
-/// Waits for every record `producer` has queued; fails if any delivery failed.
-pub fn flush_and_check(producer: &ThreadedProducer<DeliveryTracker>) -> Result<(), PipelineError> {
+/// Waits for every record `producer` has queued; fails if any delivery failed. Returns the
+/// records refused because of themselves, for the caller to dead-letter.
+#[must_use = "refused records must be dead-lettered"]
+pub fn flush_and_check(
+    producer: &ThreadedProducer<DeliveryTracker>,
+) -> Result<Vec<Refused>, PipelineError> {
     producer
         .flush(Duration::from_secs(60))
         .map_err(PipelineError::kafka(
@@ -299,7 +473,9 @@ pub fn flush_and_check(producer: &ThreadedProducer<DeliveryTracker>) -> Result<(
             first.unwrap_or_default()
         )));
     }
-    Ok(())
+    Ok(std::mem::take(
+        &mut *tracker.refused.lock().unwrap_or_else(|e| e.into_inner()),
+    ))
 }
 
 /// Topic setting of compacted topics (a table's output: the latest value per key is kept).

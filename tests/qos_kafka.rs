@@ -310,3 +310,79 @@ fn hostile_records_change_nothing_and_stop_nothing() {
         .iter()
         .all(|r| r.header("marquee.reason").is_some_and(|x| !x.is_empty())));
 }
+
+/// A result the broker refuses because of the record itself (here: larger than the results
+/// topic's `max.message.bytes`) goes to the dead-letter topic with reason `output_refused`;
+/// every other result is emitted as usual and the instance keeps running, where it used to
+/// fail the same checkpoint after every restart.
+#[test]
+fn a_result_the_broker_refuses_is_dead_lettered_and_stops_nothing() {
+    let brokers = kafka().addr.clone();
+    let input = unique("refused");
+    common::create_topic(&brokers, &input, 3);
+    let dir = tempfile::tempdir().unwrap();
+    // One record per batch, so the broker judges each result on its own size.
+    let toml = topology_toml(&input, dir.path())
+        .replace("[state]", "[sink.kafka]\n\"batch.size\" = \"1\"\n[state]");
+    let topology = marquee::config::Topology::parse(&toml, std::path::Path::new("t.toml")).unwrap();
+    // Results of a 62-byte CDN name (within the 64-byte limit on dimension values) take about
+    // 270 bytes as a batch; every other result fits in 220.
+    let config = marquee::sink::producer_config(&brokers, &Default::default());
+    marquee::sink::ensure_topics(
+        &config,
+        &[marquee::sink::TopicSpec {
+            name: &topology.sink.topic,
+            partitions: Some(1),
+            replication_factor: None,
+            configs: &[("max.message.bytes", "220")],
+        }],
+    )
+    .unwrap();
+    let mut events = dataset(47, 3_000);
+    for (i, (_, e)) in events.iter_mut().enumerate().filter(|(i, _)| i % 50 == 3) {
+        e.cdn = format!("{}-{}", "x".repeat(60), i % 3);
+    }
+    let expected = expected(&events);
+    let (refused, fitting): (Vec<_>, Vec<_>) = expected
+        .results
+        .iter()
+        .partition(|(k, _)| k.starts_with("cdn/xxx"));
+    assert!(!refused.is_empty() && fitting.len() > 100);
+    let feeder = Feeder::new(&brokers, &input);
+    send(&feeder, &events, 0);
+
+    let running = Running::start(&topology, &brokers, None);
+    let results = read_topic(
+        &brokers,
+        &topology.sink.topic,
+        fitting.len(),
+        Duration::from_secs(6),
+        Duration::from_secs(120),
+    );
+    let dead = read_topic(
+        &brokers,
+        &topology.sink.dead_letter_topic,
+        refused.len(),
+        Duration::from_secs(1),
+        Duration::from_secs(30),
+    );
+    running.stop();
+    let fitting: std::collections::BTreeMap<String, _> = fitting
+        .into_iter()
+        .map(|(k, w)| (k.clone(), w.clone()))
+        .collect();
+    assert_results_equal(&results_by_key(&results), &fitting);
+    let dead_keys: std::collections::BTreeSet<String> = dead.iter().map(|r| r.key_str()).collect();
+    let refused_keys: std::collections::BTreeSet<String> =
+        refused.iter().map(|(k, _)| (*k).clone()).collect();
+    assert_eq!(dead_keys, refused_keys);
+    for r in &dead {
+        assert_eq!(r.header("marquee.reason"), Some("output_refused"));
+        assert_eq!(
+            r.header("marquee.output.topic"),
+            Some(topology.sink.topic.as_str())
+        );
+        let window = common::decode_qos(r.value.as_deref().unwrap());
+        assert_eq!(Some(&window), expected.results.get(&r.key_str()));
+    }
+}

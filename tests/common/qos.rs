@@ -166,7 +166,8 @@ impl Feeder {
     }
 
     pub fn flush(&self) {
-        marquee::sink::flush_and_check(&self.producer).unwrap();
+        let refused = marquee::sink::flush_and_check(&self.producer).unwrap();
+        assert!(refused.is_empty(), "refused: {refused:?}");
     }
 }
 
