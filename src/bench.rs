@@ -288,37 +288,38 @@ pub fn queries(
         .map(|a| a.event)
         .collect();
     let cpu_before = cpu_seconds();
-    let mut latest: std::collections::HashMap<String, crate::table::Entry> =
+    // As in the table stage: entries changed since the last checkpoint, written once each.
+    let mut dirty: std::collections::HashMap<String, (i32, crate::table::Entry)> =
         std::collections::HashMap::new();
-    let mut batch = rocksdb::WriteBatch::default();
+    let checkpoint = |dirty: &mut std::collections::HashMap<_, (i32, crate::table::Entry)>| {
+        let mut batch = rocksdb::WriteBatch::default();
+        for (_, (p, entry)) in dirty.drain() {
+            let stored = StoredEntry {
+                entry,
+                pending: false,
+            };
+            store.stage_table_put(&mut batch, p, &stored)?;
+        }
+        store.commit(batch)
+    };
     for e in &generated {
         let key = key_of(e);
         let p = crate::gen::partition_for(&e.profile_id, partitions);
-        // As in the table stage: entries changed since the last checkpoint, else the store.
-        let current = match latest.get(&key) {
-            Some(entry) => Some(entry.clone()),
+        let current = match dirty.get(&key) {
+            Some((_, entry)) => Some(entry.clone()),
             None => store
                 .table_get(p, &e.profile_id, &e.title_id)?
                 .map(|s| s.entry),
         };
         if let Applied::Updated(entry) = apply(current.as_ref(), e, 0.95) {
-            store.stage_table_put(
-                &mut batch,
-                p,
-                &StoredEntry {
-                    entry: entry.clone(),
-                    pending: false,
-                },
-            );
-            latest.insert(key, entry);
+            dirty.insert(key, (p, entry));
         }
         profiles.insert(e.profile_id.clone());
-        if batch.len() >= 10_000 {
-            store.commit(std::mem::take(&mut batch))?;
-            latest.clear();
+        if dirty.len() >= 10_000 {
+            checkpoint(&mut dirty)?;
         }
     }
-    store.commit(batch)?;
+    checkpoint(&mut dirty)?;
     let updates_per_cpu_second = events as f64 / (cpu_seconds() - cpu_before);
 
     let view = Arc::new(crate::resume::TableView::new(

@@ -275,24 +275,14 @@ async fn continue_watching(
         move || {
             table
                 .store
-                .table_profile(table.partition_of(&profile), &profile)
+                .table_recent(table.partition_of(&profile), &profile, limit)
         }
     };
     let response = match off_the_reactor(&table, read).await {
         Err(response) => response,
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Ok(Ok(entries)) => {
-            let mut row: Vec<ResumePosition> = entries
-                .into_iter()
-                .map(|s| s.entry.position)
-                .filter(|p| !p.completed)
-                .collect();
-            row.sort_by(|a, b| {
-                b.updated_at
-                    .cmp(&a.updated_at)
-                    .then_with(|| a.title_id.cmp(&b.title_id))
-            });
-            row.truncate(limit);
+            let row: Vec<ResumePosition> = entries.into_iter().map(|s| s.entry.position).collect();
             Json(row).into_response()
         }
     };

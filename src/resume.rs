@@ -217,7 +217,9 @@ pub fn restore(
             .filter_map(|(p, end)| end.map(|end| (end - positions[p]).max(0)))
             .sum::<i64>()
     };
-    let mut batch = WriteBatch::default();
+    // The newest version of each key read since the last commit: a store batch takes one
+    // write per entry (see `Store::stage_table_put`), and older versions need no write.
+    let mut staged: HashMap<(i32, String, String), Option<StoredEntry>> = HashMap::new();
     let mut last_report = Instant::now();
     while !ends.is_empty() {
         if last_report.elapsed() >= RESTORE_REPORT {
@@ -266,7 +268,9 @@ pub fn restore(
         };
         let (profile, title) = (profile.as_str(), title.as_str());
         match m.payload() {
-            None => store.stage_table_delete(&mut batch, p, profile, title),
+            None => {
+                staged.insert((p, profile.to_string(), title.to_string()), None);
+            }
             Some(value) => {
                 let position = decode_position(value, &schema, &mut writers, decoder_registry)?;
                 let event_id = m
@@ -282,22 +286,38 @@ pub fn restore(
                     entry: Entry { position, event_id },
                     pending: false,
                 };
-                store.stage_table_put(&mut batch, p, &stored);
+                staged.insert((p, profile.to_string(), title.to_string()), Some(stored));
             }
         }
         restored += 1;
-        if batch.len() >= 10_000 {
-            store.commit(std::mem::take(&mut batch))?;
+        if staged.len() >= 10_000 {
+            commit_restored(store, &mut staged, false)?;
         }
     }
-    store.commit(batch)?;
-    let mut batch = WriteBatch::default();
-    store.stage_table_restored(&mut batch);
-    store.commit(batch)?;
+    commit_restored(store, &mut staged, true)?;
     crate::metrics::table_restore_remaining(0);
     crate::metrics::table_restored(restored, started.elapsed());
     tracing::info!(records = restored, seconds = started.elapsed().as_secs_f64(), topic = %resume.topic, "resume table restored");
     Ok(restored)
+}
+
+/// Writes the `staged` entries (and the restored marker when `complete`) in one batch.
+fn commit_restored(
+    store: &Store,
+    staged: &mut HashMap<(i32, String, String), Option<StoredEntry>>,
+    complete: bool,
+) -> Result<(), PipelineError> {
+    let mut batch = WriteBatch::default();
+    for ((p, profile, title), stored) in staged.drain() {
+        match stored {
+            Some(stored) => store.stage_table_put(&mut batch, p, &stored)?,
+            None => store.stage_table_delete(&mut batch, p, &profile, &title)?,
+        }
+    }
+    if complete {
+        store.stage_table_restored(&mut batch);
+    }
+    Ok(store.commit(batch)?)
 }
 
 /// The restore consumer's context: reaching a partition's end is how a restore finishes, not
@@ -583,7 +603,7 @@ impl TableStage {
         self.sink.flush()?;
         let flushed = Instant::now();
         for (_, (p, stored)) in self.dirty.drain() {
-            self.store.stage_table_put(&mut batch, p, &stored);
+            self.store.stage_table_put(&mut batch, p, &stored)?;
         }
         let mut offsets = Vec::new();
         for (&p, part) in &self.parts {
@@ -636,7 +656,7 @@ impl TableStage {
                         p,
                         &position.profile_id,
                         &position.title_id,
-                    );
+                    )?;
                     self.sink.send_tombstone(&key, p)?;
                     self.pending.remove(&key);
                 }

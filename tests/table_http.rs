@@ -67,7 +67,7 @@ fn queries_answer_for_owned_partitions_and_redirect_the_rest() {
         entry(&mine, "c", 200, 990), // completed: not in the row
         entry(&mine, "d", 50, 10),
     ] {
-        store.stage_table_put(&mut batch, 0, &stored);
+        store.stage_table_put(&mut batch, 0, &stored).unwrap();
     }
     store.commit(batch).unwrap();
     let (_server, addr) = serve(view);
@@ -127,7 +127,9 @@ fn heavy_queries_do_not_stall_health_and_metrics() {
     view.set_owned_for_bench(0);
     let mut batch = rocksdb::WriteBatch::default();
     for t in 0..10_000 {
-        store.stage_table_put(&mut batch, 0, &entry("binge", &format!("t{t}"), t, 100));
+        store
+            .stage_table_put(&mut batch, 0, &entry("binge", &format!("t{t}"), t, 100))
+            .unwrap();
     }
     store.commit(batch).unwrap();
     let (_server, addr) = serve(view);

@@ -49,6 +49,21 @@ pub fn table_profile_prefix(partition: i32, profile: &str) -> Vec<u8> {
     key
 }
 
+/// Key of a continue-watching index entry: the profile prefix, `updated_at` descending, then
+/// the title, so one profile's unfinished titles are one prefix in the order the row shows.
+pub fn recent_key(partition: i32, profile: &str, updated_at: i64, title: &str) -> Vec<u8> {
+    let mut key = table_profile_prefix(partition, profile);
+    key.extend(time_bytes(updated_at).map(|b| !b));
+    key.extend_from_slice(title.as_bytes());
+    key
+}
+
+/// The table key a [`recent_key`] under `profile_prefix` points at; `None` when malformed.
+pub fn table_key_of_recent(profile_prefix: &[u8], recent: &[u8]) -> Option<Vec<u8>> {
+    let title = recent.get(profile_prefix.len() + 8..)?;
+    Some([profile_prefix, title].concat())
+}
+
 /// A decoded window-store key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupKey {
@@ -58,10 +73,15 @@ pub struct GroupKey {
     pub value: String,
 }
 
+/// The partition a store key starts with; `None` when it is too short.
+pub fn decode_partition(key: &[u8]) -> Option<i32> {
+    Some(u32::from_be_bytes(key.get(0..4)?.try_into().ok()?) as i32)
+}
+
 /// Decodes a [`group_key`]; `None` when it is malformed.
 pub fn decode(key: &[u8]) -> Option<GroupKey> {
     Some(GroupKey {
-        partition: u32::from_be_bytes(key.get(0..4)?.try_into().ok()?) as i32,
+        partition: decode_partition(key)?,
         start: time_from(key.get(4..12)?.try_into().ok()?),
         slot: *key.get(12)?,
         value: String::from_utf8(key.get(13..)?.to_vec()).ok()?,
@@ -88,6 +108,18 @@ mod tests {
             let (ka, kb) = (table_key(1, &a.0, &a.1), table_key(1, &b.0, &b.1));
             prop_assert_eq!(ka == kb, a == b);
             prop_assert_eq!(kb.starts_with(&table_profile_prefix(1, &a.0)), a.0 == b.0);
+        }
+
+        #[test]
+        fn recent_keys_sort_newest_first_then_by_title_within_a_profile(
+            a in (any::<i64>(), "[a/\\x00]{0,4}"),
+            b in (any::<i64>(), "[a/\\x00]{0,4}"),
+        ) {
+            let (ka, kb) = (recent_key(1, "p", a.0, &a.1), recent_key(1, "p", b.0, &b.1));
+            prop_assert_eq!(ka.cmp(&kb), b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+            let prefix = table_profile_prefix(1, "p");
+            prop_assert!(ka.starts_with(&prefix));
+            prop_assert_eq!(table_key_of_recent(&prefix, &ka), Some(table_key(1, "p", &a.1)));
         }
 
         #[test]

@@ -23,15 +23,20 @@ use crate::window::{GroupAgg, PartitionWindows};
 pub const CF_WINDOWS: &str = "qos_windows";
 /// Column family of the resume-position table.
 pub const CF_RESUME: &str = "resume_table";
+/// Column family of the continue-watching index: the table's unfinished entries by profile,
+/// newest first (see [`keys::recent_key`]); values are empty.
+pub const CF_RESUME_RECENT: &str = "resume_recent";
 /// Reserved column family of offsets, watermarks and the emitted-window frontier.
 pub const CF_META: &str = "__marquee_meta";
 
 /// Every column family, opened together.
-const COLUMN_FAMILIES: [&str; 3] = [CF_WINDOWS, CF_RESUME, CF_META];
+const COLUMN_FAMILIES: [&str; 4] = [CF_WINDOWS, CF_RESUME, CF_RESUME_RECENT, CF_META];
 
 const META_CLOSED_THROUGH: &[u8] = b"closed_through";
-/// The table is complete here, with profile-length-prefixed keys.
-const META_TABLE_RESTORED: &[u8] = b"resume/restored/v2";
+/// The table is complete here, with profile-length-prefixed keys and the recency index.
+const META_TABLE_RESTORED: &[u8] = b"resume/restored/v3";
+/// The marker of a table with today's keys but no recency index yet.
+const META_TABLE_RESTORED_V2: &[u8] = b"resume/restored/v2";
 /// The marker of a table written with the earlier, NUL-separated keys.
 const META_TABLE_RESTORED_V1: &[u8] = b"resume/restored";
 
@@ -229,13 +234,35 @@ impl Store {
             .transpose()
     }
 
-    /// Every entry of `profile` in `partition` (one prefix scan).
-    pub fn table_profile(
+    /// The `limit` newest unfinished entries of `profile` (newest first, ties by title): reads
+    /// `limit` index keys and `limit` entries, however many titles the profile has.
+    pub fn table_recent(
         &self,
         partition: i32,
         profile: &str,
+        limit: usize,
     ) -> Result<Vec<StoredEntry>, StateError> {
-        self.table_scan(&keys::table_profile_prefix(partition, profile))
+        let prefix = keys::table_profile_prefix(partition, profile);
+        let mut table_keys = Vec::with_capacity(limit.min(1_024));
+        let mode = IteratorMode::From(&prefix, Direction::Forward);
+        for item in self.db.iterator_cf(self.cf(CF_RESUME_RECENT), mode) {
+            let (key, _) = item?;
+            if table_keys.len() >= limit || !key.starts_with(&prefix) {
+                break;
+            }
+            table_keys.extend(keys::table_key_of_recent(&prefix, &key));
+        }
+        let table = self.cf(CF_RESUME);
+        let values = self
+            .db
+            .multi_get_cf(table_keys.iter().map(|k| (table, k.as_slice())));
+        let mut out = Vec::with_capacity(table_keys.len());
+        for (key, value) in table_keys.iter().zip(values) {
+            if let Some(bytes) = value? {
+                out.push(decode_entry(key, &bytes)?);
+            }
+        }
+        Ok(out)
     }
 
     /// Every entry of `partition`.
@@ -256,29 +283,77 @@ impl Store {
         Ok(out)
     }
 
-    /// Stages a table entry.
-    pub fn stage_table_put(&self, batch: &mut WriteBatch, partition: i32, stored: &StoredEntry) {
+    /// Stages a table entry and its index entry. At most one put or delete per entry per
+    /// batch: the index entry of the stored version is found by reading it.
+    pub fn stage_table_put(
+        &self,
+        batch: &mut WriteBatch,
+        partition: i32,
+        stored: &StoredEntry,
+    ) -> Result<(), StateError> {
         let p = &stored.entry.position;
+        let key = keys::table_key(partition, &p.profile_id, &p.title_id);
+        self.stage_unindex(batch, partition, &key)?;
+        stage_index(batch, self.cf(CF_RESUME_RECENT), partition, p);
         let value = serde_json::to_vec(stored).expect("entries serialize");
-        batch.put_cf(
-            self.cf(CF_RESUME),
-            keys::table_key(partition, &p.profile_id, &p.title_id),
-            value,
-        );
+        batch.put_cf(self.cf(CF_RESUME), key, value);
+        Ok(())
     }
 
-    /// Stages the deletion of a table entry.
+    /// Stages the deletion of a table entry and its index entry (one per entry per batch).
     pub fn stage_table_delete(
         &self,
         batch: &mut WriteBatch,
         partition: i32,
         profile: &str,
         title: &str,
-    ) {
-        batch.delete_cf(
-            self.cf(CF_RESUME),
-            keys::table_key(partition, profile, title),
-        );
+    ) -> Result<(), StateError> {
+        let key = keys::table_key(partition, profile, title);
+        self.stage_unindex(batch, partition, &key)?;
+        batch.delete_cf(self.cf(CF_RESUME), key);
+        Ok(())
+    }
+
+    /// Stages the deletion of the index entry of the stored version of `key`, if any.
+    fn stage_unindex(
+        &self,
+        batch: &mut WriteBatch,
+        partition: i32,
+        key: &[u8],
+    ) -> Result<(), StateError> {
+        if let Some(bytes) = self.db.get_pinned_cf(self.cf(CF_RESUME), key)? {
+            let old = decode_entry(key, &bytes)?.entry.position;
+            if !old.completed {
+                batch.delete_cf(
+                    self.cf(CF_RESUME_RECENT),
+                    keys::recent_key(partition, &old.profile_id, old.updated_at, &old.title_id),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the recency index of a table stored before it existed.
+    fn build_recent_index(&self) -> Result<(), StateError> {
+        let recent = self.cf(CF_RESUME_RECENT);
+        let mut batch = WriteBatch::default();
+        for item in self.db.iterator_cf(self.cf(CF_RESUME), IteratorMode::Start) {
+            let (key, value) = item?;
+            let partition = keys::decode_partition(&key).ok_or_else(|| StateError::Corrupt {
+                key: format!("{CF_RESUME}/{}", String::from_utf8_lossy(&key)),
+                message: "shorter than a partition prefix".into(),
+            })?;
+            stage_index(
+                &mut batch,
+                recent,
+                partition,
+                &decode_entry(&key, &value)?.entry.position,
+            );
+            if batch.len() >= 10_000 {
+                self.commit(std::mem::take(&mut batch))?;
+            }
+        }
+        self.commit(batch)
     }
 
     /// Whether the table was rebuilt from its topic (or started fresh) in this directory.
@@ -287,10 +362,21 @@ impl Store {
         if self.db.get_cf(meta, META_TABLE_RESTORED)?.is_some() {
             return Ok(true);
         }
+        if self.db.get_cf(meta, META_TABLE_RESTORED_V2)?.is_some() {
+            self.build_recent_index()?;
+            let mut batch = WriteBatch::default();
+            batch.put_cf(meta, META_TABLE_RESTORED, [1]);
+            batch.delete_cf(meta, META_TABLE_RESTORED_V2);
+            self.commit(batch)?;
+            tracing::info!("built the continue-watching index of a table stored without one");
+            return Ok(true);
+        }
         // A table written with the earlier key format is dropped; the restore rebuilds it.
         if self.db.get_cf(meta, META_TABLE_RESTORED_V1)?.is_some() {
             let mut batch = WriteBatch::default();
-            batch.delete_range_cf(self.cf(CF_RESUME), &[][..], &[0xff][..]);
+            for cf in [CF_RESUME, CF_RESUME_RECENT] {
+                batch.delete_range_cf(self.cf(cf), &[][..], &[0xff][..]);
+            }
             batch.delete_cf(meta, META_TABLE_RESTORED_V1);
             self.commit(batch)?;
             tracing::info!("the resume table was stored with an earlier key format; rebuilding it from its topic");
@@ -370,6 +456,24 @@ fn decode_group(bytes: &[u8]) -> Option<GroupAgg> {
         viewers: words.collect(),
         dirty: false,
     })
+}
+
+/// Stages the index entry of `position` when it is unfinished.
+fn stage_index(
+    batch: &mut WriteBatch,
+    recent: &rocksdb::ColumnFamily,
+    partition: i32,
+    position: &crate::record::ResumePosition,
+) {
+    if !position.completed {
+        let key = keys::recent_key(
+            partition,
+            &position.profile_id,
+            position.updated_at,
+            &position.title_id,
+        );
+        batch.put_cf(recent, key, []);
+    }
 }
 
 fn decode_entry(key: &[u8], bytes: &[u8]) -> Result<StoredEntry, StateError> {
@@ -468,6 +572,143 @@ mod tests {
             };
             prop_assert_eq!(strip(&restored), strip(&model));
         }
+    }
+
+    fn stored(profile: &str, title: &str, updated_at: i64, completed: bool) -> StoredEntry {
+        StoredEntry {
+            entry: Entry {
+                position: crate::record::ResumePosition {
+                    profile_id: profile.into(),
+                    title_id: title.into(),
+                    position_ms: 1,
+                    duration_ms: None,
+                    progress: None,
+                    completed,
+                    updated_at,
+                    device_type: "tv".into(),
+                },
+                event_id: "e".into(),
+            },
+            pending: false,
+        }
+    }
+
+    /// The continue-watching row as the query API defines it, from every entry.
+    fn row_of(
+        model: &std::collections::BTreeMap<(String, String), (i64, bool)>,
+        profile: &str,
+        limit: usize,
+    ) -> Vec<(String, i64)> {
+        let mut row: Vec<(String, i64)> = model
+            .iter()
+            .filter(|((p, _), (_, completed))| p == profile && !completed)
+            .map(|((_, t), (at, _))| (t.clone(), *at))
+            .collect();
+        row.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        row.truncate(limit);
+        row
+    }
+
+    proptest! {
+        /// Whatever sequence of updates, completions and deletions, the index gives exactly the
+        /// row a full scan would, and holds no stale entry.
+        #[test]
+        fn the_recency_index_agrees_with_the_table(
+            batches in prop::collection::vec(
+                prop::collection::vec((0u8..2, 0u8..6, prop::option::of((0i64..20, any::<bool>()))), 1..8),
+                1..12,
+            ),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path(), 8, 8).unwrap();
+            let mut model = std::collections::BTreeMap::new();
+            for ops in batches {
+                // One write per entry per batch, the newest winning, as the table stage does.
+                let ops: std::collections::BTreeMap<_, _> =
+                    ops.into_iter().map(|(p, t, v)| ((format!("p/{p}"), format!("t\0{t}")), v)).collect();
+                let mut batch = WriteBatch::default();
+                for ((profile, title), op) in ops {
+                    match op {
+                        Some((at, completed)) => {
+                            store.stage_table_put(&mut batch, 0, &stored(&profile, &title, at, completed)).unwrap();
+                            model.insert((profile, title), (at, completed));
+                        }
+                        None => {
+                            store.stage_table_delete(&mut batch, 0, &profile, &title).unwrap();
+                            model.remove(&(profile, title));
+                        }
+                    }
+                }
+                store.commit(batch).unwrap();
+                for profile in ["p/0", "p/1"] {
+                    for limit in [1, 3, 100] {
+                        let got: Vec<(String, i64)> = store
+                            .table_recent(0, profile, limit)
+                            .unwrap()
+                            .into_iter()
+                            .map(|s| (s.entry.position.title_id, s.entry.position.updated_at))
+                            .collect();
+                        prop_assert_eq!(got, row_of(&model, profile, limit));
+                    }
+                }
+                let indexed = store.db.iterator_cf(store.cf(CF_RESUME_RECENT), IteratorMode::Start).count();
+                prop_assert_eq!(indexed, model.values().filter(|(_, completed)| !completed).count());
+            }
+        }
+    }
+
+    /// A row of 20 from a profile of 10,000 unfinished titles steps over about 20 keys, not
+    /// 10,000 (RocksDB's own count of iterator steps in the memtable).
+    #[test]
+    fn continue_watching_reads_only_what_the_limit_needs() {
+        use rocksdb::perf::{set_perf_stats, PerfContext, PerfMetric, PerfStatsLevel};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8, 64).unwrap();
+        let mut batch = WriteBatch::default();
+        for t in 0..10_000 {
+            let entry = stored("binge", &format!("t{t:05}"), t, false);
+            store.stage_table_put(&mut batch, 0, &entry).unwrap();
+        }
+        store.commit(batch).unwrap();
+        set_perf_stats(PerfStatsLevel::EnableCount);
+        let mut perf = PerfContext::default();
+        perf.reset();
+        let row = store.table_recent(0, "binge", 20).unwrap();
+        let steps = perf.metric(PerfMetric::NextOnMemtableCount);
+        set_perf_stats(PerfStatsLevel::Disable);
+        assert_eq!(row.len(), 20);
+        assert_eq!(row[0].entry.position.title_id, "t09999");
+        assert!(steps <= 40, "{steps} iterator steps for a row of 20");
+    }
+
+    #[test]
+    fn a_table_without_the_recency_index_gets_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8, 8).unwrap();
+        let mut batch = WriteBatch::default();
+        for (title, at, completed) in [("a", 5, false), ("b", 9, false), ("c", 7, true)] {
+            let entry = stored("p", title, at, completed);
+            let key = keys::table_key(2, "p", title);
+            batch.put_cf(
+                store.cf(CF_RESUME),
+                key,
+                serde_json::to_vec(&entry).unwrap(),
+            );
+        }
+        batch.put_cf(store.cf(CF_META), META_TABLE_RESTORED_V2, [1]);
+        store.commit(batch).unwrap();
+        assert!(store.table_recent(2, "p", 10).unwrap().is_empty());
+        assert!(
+            store.table_restored().unwrap(),
+            "kept, not rebuilt from the topic"
+        );
+        let titles: Vec<String> = store
+            .table_recent(2, "p", 10)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.entry.position.title_id)
+            .collect();
+        assert_eq!(titles, ["b", "a"]);
     }
 
     #[test]
