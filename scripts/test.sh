@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what the tests need (build dependencies, Apache Kafka, the Tansu broker) and runs every check:
-# formatting, clippy, unit, property and integration tests on real components.
+# Installs what the tests need (build dependencies, Apache Kafka, the Tansu broker, cargo-fuzz)
+# and runs every check: formatting, clippy, unit, property and integration tests on real
+# components, and a bounded run of every fuzz target.
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
 
@@ -15,4 +16,8 @@ bash scripts/kafka.sh >/dev/null
 
 cargo fmt --check
 cargo clippy --release --all-targets --quiet -- -D warnings
+# The pure core builds without Kafka, RocksDB and HTTP (what the fuzz targets link).
+cargo check --quiet --no-default-features --lib
 cargo test --release
+# Every fuzz target, 20 s each from the seeds in fuzz/corpus (nightly + cargo-fuzz).
+bash scripts/fuzz.sh "${FUZZ_SECONDS:-20}"

@@ -102,6 +102,7 @@ pub enum RegistryError {
 }
 
 /// The local RocksDB state failed.
+#[cfg(feature = "runtime")]
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("cannot open state store at {dir}: {source}")]
@@ -116,6 +117,7 @@ pub enum StateError {
 }
 
 /// An operational failure that stops the instance (it resumes from its last checkpoint).
+#[cfg(feature = "runtime")]
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
     #[error(transparent)]
@@ -136,6 +138,7 @@ pub enum PipelineError {
     Other(String),
 }
 
+#[cfg(feature = "runtime")]
 impl PipelineError {
     /// Wraps a Kafka error with what Marquee was doing.
     pub fn kafka(context: impl Into<String>) -> impl FnOnce(rdkafka::error::KafkaError) -> Self {

@@ -4,10 +4,10 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Instant;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -16,6 +16,7 @@ use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 
+use crate::query::{check_id, parse_row_query, RowQuery};
 use crate::record::ResumePosition;
 use crate::resume::TableView;
 
@@ -196,15 +197,11 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
-/// Longest continue-watching row a query may ask for.
-const MAX_LIMIT: usize = 1_000;
 /// Queries read at once (about the cores of a small machine, so the reads never starve the
 /// reactor that serves `/healthz` and `/metrics`); more get 503 rather than queue unbounded.
 pub const MAX_CONCURRENT_QUERIES: usize = 4;
 /// Longest a query may take before it gets 503.
 const QUERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
-/// Row length when the query names none.
-const DEFAULT_LIMIT: usize = 20;
 
 fn error(status: StatusCode, message: String) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
@@ -248,25 +245,14 @@ async fn off_the_reactor<T: Send + 'static>(
 async fn continue_watching(
     State(table): State<Arc<TableView>>,
     Path(profile): Path<String>,
-    Query(params): Query<HashMap<String, String>>,
+    RawQuery(raw): RawQuery,
 ) -> Response {
     let started = Instant::now();
-    let limit = match params.get("limit").map(|l| l.parse::<usize>()) {
-        None => DEFAULT_LIMIT,
-        Some(Ok(n)) if (1..=MAX_LIMIT).contains(&n) => n,
-        Some(_) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("limit must be a whole number from 1 to {MAX_LIMIT}"),
-            )
-        }
+    let parsed = check_id("profile_id", &profile).and_then(|()| parse_row_query(raw.as_deref()));
+    let limit = match parsed {
+        Ok(RowQuery { limit }) => limit,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    if let Some(unknown) = params.keys().find(|k| k.as_str() != "limit") {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("unknown query parameter {unknown:?}: expected only limit"),
-        );
-    }
     if let Some(response) = not_owned(&table, &profile) {
         return response;
     }
@@ -295,6 +281,9 @@ async fn title_position(
     Path((profile, title)): Path<(String, String)>,
 ) -> Response {
     let started = Instant::now();
+    if let Err(e) = check_id("profile_id", &profile).and_then(|()| check_id("title_id", &title)) {
+        return error(StatusCode::BAD_REQUEST, e.to_string());
+    }
     if let Some(response) = not_owned(&table, &profile) {
         return response;
     }

@@ -31,29 +31,48 @@
 //! - [`pipeline`]: the per-record flow and the checkpoint order.
 //! - [`sink`]: the producer, Avro encoding, late and dead-letter copies.
 //! - [`metrics`]: every counter and gauge Marquee exports.
-//! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz`, the query API.
+//! - [`query`]: parsing and validation of query API requests.
 //! - [`gen`]: the synthetic playback-event generator.
 //! - [`app`]: builds and runs one instance of a topology.
 //! - [`demo`]: the whole job on an in-process Kafka and registry.
 //! - [`bench`]: the end-to-end throughput measurement.
+//!
+//! Without the default `runtime` feature only the pure core is built (`check`, `config`,
+//! `decode`, `error`, `query`, `record`, `registry`'s trait and in-memory registry,
+//! `state::keys`): what the fuzz targets in `fuzz/` exercise.
 
+#[cfg(feature = "runtime")]
 pub mod app;
+#[cfg(feature = "runtime")]
 pub mod bench;
 pub mod check;
 pub mod config;
 pub mod decode;
+#[cfg(feature = "runtime")]
 pub mod demo;
 pub mod error;
+#[cfg(feature = "runtime")]
 pub mod gen;
+#[cfg(feature = "runtime")]
 pub mod http;
+#[cfg(feature = "runtime")]
 pub mod metrics;
+#[cfg(feature = "runtime")]
 pub mod pipeline;
+pub mod query;
 pub mod record;
 pub mod registry;
+#[cfg(feature = "runtime")]
 pub mod resume;
+#[cfg(feature = "runtime")]
 pub mod sink;
+#[cfg(feature = "runtime")]
 pub mod source;
 pub mod state;
+#[cfg(feature = "runtime")]
 pub mod table;
+#[cfg(feature = "runtime")]
 pub mod watermark;
+#[cfg(feature = "runtime")]
 pub mod window;

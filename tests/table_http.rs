@@ -93,10 +93,24 @@ fn queries_answer_for_owned_partitions_and_redirect_the_rest() {
         404
     );
 
-    for bad in ["limit=0", "limit=-3", "limit=abc", "limit=5000", "lmit=2"] {
-        let (status, body) = http_get(&addr, &format!("/profiles/{mine}/continue-watching?{bad}"));
-        assert_eq!(status, 400, "{bad}");
-        assert!(body.contains("error"), "{bad}: {body}");
+    let long = "p".repeat(257);
+    for path in [
+        "limit=0",
+        "limit=-3",
+        "limit=abc",
+        "limit=5000",
+        "lmit=2",
+        "limit=1&limit=2",
+    ]
+    .map(|q| format!("/profiles/{mine}/continue-watching?{q}"))
+    .into_iter()
+    .chain([
+        format!("/profiles/{long}/continue-watching"),
+        format!("/profiles/{mine}/titles/{long}"),
+    ]) {
+        let (status, body) = http_get(&addr, &path);
+        assert_eq!(status, 400, "{path}");
+        assert!(body.contains("error"), "{path}: {body}");
     }
 
     let (status, body) = http_get(&addr, &format!("/profiles/{theirs}/continue-watching"));

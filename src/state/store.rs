@@ -1,0 +1,747 @@
+//! The RocksDB database and its stores (see the [module docs](super)).
+
+use super::keys;
+
+use std::path::Path;
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode,
+    Options, WriteBatch, WriteBufferManager, DB,
+};
+
+use crate::error::StateError;
+use crate::table::Entry;
+use crate::window::{GroupAgg, PartitionWindows};
+
+/// Column family of the QoS window store.
+pub const CF_WINDOWS: &str = "qos_windows";
+/// Column family of the resume-position table.
+pub const CF_RESUME: &str = "resume_table";
+/// Column family of the continue-watching index: the table's unfinished entries by profile,
+/// newest first (see [`keys::recent_key`]); values are empty.
+pub const CF_RESUME_RECENT: &str = "resume_recent";
+/// Reserved column family of offsets, watermarks and the emitted-window frontier.
+pub const CF_META: &str = "__marquee_meta";
+
+/// Every column family, opened together.
+const COLUMN_FAMILIES: [&str; 4] = [CF_WINDOWS, CF_RESUME, CF_RESUME_RECENT, CF_META];
+
+const META_CLOSED_THROUGH: &[u8] = b"closed_through";
+/// The table is complete here, with profile-length-prefixed keys and the recency index.
+const META_TABLE_RESTORED: &[u8] = b"resume/restored/v3";
+/// The marker of a table with today's keys but no recency index yet.
+const META_TABLE_RESTORED_V2: &[u8] = b"resume/restored/v2";
+/// The marker of a table written with the earlier, NUL-separated keys.
+const META_TABLE_RESTORED_V1: &[u8] = b"resume/restored";
+
+/// A resume-table entry as stored: the entry and whether its output record is still owed.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StoredEntry {
+    pub entry: Entry,
+    /// Updated but not yet written to the output topic (rate limit); re-queued after a restart.
+    pub pending: bool,
+}
+
+/// What a checkpoint recorded about one input partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionMeta {
+    /// The next offset to process: everything before it is in the state.
+    pub next_offset: i64,
+    /// Largest trusted event time processed (the partition watermark's source).
+    pub max_event_time: Option<i64>,
+}
+
+/// The instance's RocksDB database.
+pub struct Store {
+    db: DB,
+}
+
+impl Store {
+    /// Opens (or creates) the database in `dir` with a shared cache and write-buffer budget.
+    pub fn open(
+        dir: &Path,
+        block_cache_mib: usize,
+        write_buffer_mib: usize,
+    ) -> Result<Self, StateError> {
+        let cache = Cache::new_lru_cache(block_cache_mib << 20);
+        let buffers = WriteBufferManager::new_write_buffer_manager_with_cache(
+            write_buffer_mib << 20,
+            false,
+            cache.clone(),
+        );
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        let mut cf_opts = Options::default();
+        cf_opts.set_block_based_table_factory(&table);
+        cf_opts.set_compression_type(DBCompressionType::Lz4);
+        let mut db_opts = cf_opts.clone();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_write_buffer_manager(&buffers);
+        let cfs = COLUMN_FAMILIES.map(|name| ColumnFamilyDescriptor::new(name, cf_opts.clone()));
+        let db =
+            DB::open_cf_descriptors(&db_opts, dir, cfs).map_err(|source| StateError::Open {
+                dir: dir.to_path_buf(),
+                source,
+            })?;
+        Ok(Self { db })
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("column families are created at open")
+    }
+
+    /// The checkpoint of `partition` of `stage`'s input, if one was ever written.
+    pub fn partition_meta(
+        &self,
+        stage: &str,
+        partition: i32,
+    ) -> Result<Option<PartitionMeta>, StateError> {
+        let key = meta_key(stage, partition);
+        let Some(bytes) = self.db.get_cf(self.cf(CF_META), key)? else {
+            return Ok(None);
+        };
+        let corrupt = || StateError::Corrupt {
+            key: format!("{CF_META}/partition {partition}"),
+            message: format!("expected 17 bytes, found {}", bytes.len()),
+        };
+        let arr: [u8; 17] = bytes.as_slice().try_into().map_err(|_| corrupt())?;
+        let next_offset = i64::from_le_bytes(arr[0..8].try_into().expect("8 bytes"));
+        let max = i64::from_le_bytes(arr[9..17].try_into().expect("8 bytes"));
+        Ok(Some(PartitionMeta {
+            next_offset,
+            max_event_time: (arr[8] == 1).then_some(max),
+        }))
+    }
+
+    /// The operator watermark up to which windows were emitted, if any were.
+    pub fn closed_through(&self) -> Result<Option<i64>, StateError> {
+        Ok(self
+            .db
+            .get_cf(self.cf(CF_META), META_CLOSED_THROUGH)?
+            .and_then(|b| b.try_into().ok())
+            .map(i64::from_le_bytes))
+    }
+
+    /// Rebuilds the open windows of `partition` from the store.
+    pub fn load_windows(&self, partition: i32) -> Result<PartitionWindows, StateError> {
+        let prefix = keys::partition_prefix(partition);
+        let mut windows = PartitionWindows::default();
+        let iter = self.db.iterator_cf(
+            self.cf(CF_WINDOWS),
+            IteratorMode::From(&prefix, Direction::Forward),
+        );
+        for item in iter {
+            let (key, value) = item?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let corrupt = |message: &str| StateError::Corrupt {
+                key: format!("{CF_WINDOWS}/{key:?}"),
+                message: message.to_string(),
+            };
+            let group = keys::decode(&key).ok_or_else(|| corrupt("undecodable key"))?;
+            let agg = decode_group(&value)
+                .ok_or_else(|| corrupt("expected 24 bytes of counters and 8 bytes per viewer"))?;
+            *group_of(&mut windows, group.start, group.slot, &group.value) = agg;
+        }
+        Ok(windows)
+    }
+
+    /// Stages what changed in `windows` since the last checkpoint, and clears the change marks.
+    pub fn stage_windows(
+        &self,
+        batch: &mut WriteBatch,
+        partition: i32,
+        windows: &mut PartitionWindows,
+    ) {
+        let cf = self.cf(CF_WINDOWS);
+        let mut value = Vec::new();
+        for (&start, window) in windows.windows.iter_mut() {
+            for (slot, groups) in window.groups.iter_mut().enumerate() {
+                for (group, agg) in groups.iter_mut().filter(|(_, a)| a.dirty) {
+                    encode_group(agg, &mut value);
+                    batch.put_cf(
+                        cf,
+                        keys::group_key(partition, start, slot as u8, group),
+                        &value,
+                    );
+                    agg.dirty = false;
+                }
+            }
+        }
+    }
+
+    /// Stages the deletion of an emitted window of `partition`.
+    pub fn stage_window_delete(&self, batch: &mut WriteBatch, partition: i32, start: i64) {
+        let from = keys::window_prefix(partition, start);
+        let to = keys::window_prefix(partition, start + 1);
+        batch.delete_range_cf(self.cf(CF_WINDOWS), from, to);
+    }
+
+    /// Stages the offset and watermark of `partition`.
+    pub fn stage_meta(
+        &self,
+        batch: &mut WriteBatch,
+        stage: &str,
+        partition: i32,
+        meta: PartitionMeta,
+    ) {
+        let mut value = [0u8; 17];
+        value[0..8].copy_from_slice(&meta.next_offset.to_le_bytes());
+        value[8] = u8::from(meta.max_event_time.is_some());
+        value[9..17].copy_from_slice(&meta.max_event_time.unwrap_or(0).to_le_bytes());
+        batch.put_cf(self.cf(CF_META), meta_key(stage, partition), value);
+    }
+
+    /// Stages the emitted-window frontier.
+    pub fn stage_closed_through(&self, batch: &mut WriteBatch, watermark: i64) {
+        batch.put_cf(
+            self.cf(CF_META),
+            META_CLOSED_THROUGH,
+            watermark.to_le_bytes(),
+        );
+    }
+
+    /// Writes a batch atomically and durably (WAL synced: it survives a killed process and a host crash).
+    pub fn commit(&self, batch: WriteBatch) -> Result<(), StateError> {
+        // Synced: offsets are committed to Kafka only after this returns, and a host crash
+        // must not leave Kafka's offsets ahead of the state they stand for.
+        let mut options = rocksdb::WriteOptions::default();
+        options.set_sync(true);
+        Ok(self.db.write_opt(batch, &options)?)
+    }
+
+    /// The table entry `profile`/`title` of `partition`.
+    pub fn table_get(
+        &self,
+        partition: i32,
+        profile: &str,
+        title: &str,
+    ) -> Result<Option<StoredEntry>, StateError> {
+        let key = keys::table_key(partition, profile, title);
+        self.db
+            .get_cf(self.cf(CF_RESUME), &key)?
+            .map(|bytes| decode_entry(&key, &bytes))
+            .transpose()
+    }
+
+    /// The `limit` newest unfinished entries of `profile` (newest first, ties by title): reads
+    /// `limit` index keys and `limit` entries, however many titles the profile has.
+    pub fn table_recent(
+        &self,
+        partition: i32,
+        profile: &str,
+        limit: usize,
+    ) -> Result<Vec<StoredEntry>, StateError> {
+        let prefix = keys::table_profile_prefix(partition, profile);
+        let mut table_keys = Vec::with_capacity(limit.min(1_024));
+        let mode = IteratorMode::From(&prefix, Direction::Forward);
+        for item in self.db.iterator_cf(self.cf(CF_RESUME_RECENT), mode) {
+            let (key, _) = item?;
+            if table_keys.len() >= limit || !key.starts_with(&prefix) {
+                break;
+            }
+            table_keys.extend(keys::table_key_of_recent(&prefix, &key));
+        }
+        let table = self.cf(CF_RESUME);
+        let values = self
+            .db
+            .multi_get_cf(table_keys.iter().map(|k| (table, k.as_slice())));
+        let mut out = Vec::with_capacity(table_keys.len());
+        for (key, value) in table_keys.iter().zip(values) {
+            if let Some(bytes) = value? {
+                out.push(decode_entry(key, &bytes)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every entry of `partition`.
+    pub fn table_partition(&self, partition: i32) -> Result<Vec<StoredEntry>, StateError> {
+        self.table_scan(&keys::partition_prefix(partition))
+    }
+
+    fn table_scan(&self, prefix: &[u8]) -> Result<Vec<StoredEntry>, StateError> {
+        let mut out = Vec::new();
+        let mode = IteratorMode::From(prefix, Direction::Forward);
+        for item in self.db.iterator_cf(self.cf(CF_RESUME), mode) {
+            let (key, value) = item?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            out.push(decode_entry(&key, &value)?);
+        }
+        Ok(out)
+    }
+
+    /// Stages a table entry and its index entry. At most one put or delete per entry per
+    /// batch: the index entry of the stored version is found by reading it.
+    pub fn stage_table_put(
+        &self,
+        batch: &mut WriteBatch,
+        partition: i32,
+        stored: &StoredEntry,
+    ) -> Result<(), StateError> {
+        let p = &stored.entry.position;
+        let key = keys::table_key(partition, &p.profile_id, &p.title_id);
+        self.stage_unindex(batch, partition, &key)?;
+        stage_index(batch, self.cf(CF_RESUME_RECENT), partition, p);
+        let value = serde_json::to_vec(stored).expect("entries serialize");
+        batch.put_cf(self.cf(CF_RESUME), key, value);
+        Ok(())
+    }
+
+    /// Stages the deletion of a table entry and its index entry (one per entry per batch).
+    pub fn stage_table_delete(
+        &self,
+        batch: &mut WriteBatch,
+        partition: i32,
+        profile: &str,
+        title: &str,
+    ) -> Result<(), StateError> {
+        let key = keys::table_key(partition, profile, title);
+        self.stage_unindex(batch, partition, &key)?;
+        batch.delete_cf(self.cf(CF_RESUME), key);
+        Ok(())
+    }
+
+    /// Stages the deletion of the index entry of the stored version of `key`, if any.
+    fn stage_unindex(
+        &self,
+        batch: &mut WriteBatch,
+        partition: i32,
+        key: &[u8],
+    ) -> Result<(), StateError> {
+        if let Some(bytes) = self.db.get_pinned_cf(self.cf(CF_RESUME), key)? {
+            let old = decode_entry(key, &bytes)?.entry.position;
+            if !old.completed {
+                batch.delete_cf(
+                    self.cf(CF_RESUME_RECENT),
+                    keys::recent_key(partition, &old.profile_id, old.updated_at, &old.title_id),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the recency index of a table stored before it existed.
+    fn build_recent_index(&self) -> Result<(), StateError> {
+        let recent = self.cf(CF_RESUME_RECENT);
+        let mut batch = WriteBatch::default();
+        for item in self.db.iterator_cf(self.cf(CF_RESUME), IteratorMode::Start) {
+            let (key, value) = item?;
+            let partition = keys::decode_partition(&key).ok_or_else(|| StateError::Corrupt {
+                key: format!("{CF_RESUME}/{}", String::from_utf8_lossy(&key)),
+                message: "shorter than a partition prefix".into(),
+            })?;
+            stage_index(
+                &mut batch,
+                recent,
+                partition,
+                &decode_entry(&key, &value)?.entry.position,
+            );
+            if batch.len() >= 10_000 {
+                self.commit(std::mem::take(&mut batch))?;
+            }
+        }
+        self.commit(batch)
+    }
+
+    /// Whether the table was rebuilt from its topic (or started fresh) in this directory.
+    pub fn table_restored(&self) -> Result<bool, StateError> {
+        let meta = self.cf(CF_META);
+        if self.db.get_cf(meta, META_TABLE_RESTORED)?.is_some() {
+            return Ok(true);
+        }
+        if self.db.get_cf(meta, META_TABLE_RESTORED_V2)?.is_some() {
+            self.build_recent_index()?;
+            let mut batch = WriteBatch::default();
+            batch.put_cf(meta, META_TABLE_RESTORED, [1]);
+            batch.delete_cf(meta, META_TABLE_RESTORED_V2);
+            self.commit(batch)?;
+            tracing::info!("built the continue-watching index of a table stored without one");
+            return Ok(true);
+        }
+        // A table written with the earlier key format is dropped; the restore rebuilds it.
+        if self.db.get_cf(meta, META_TABLE_RESTORED_V1)?.is_some() {
+            let mut batch = WriteBatch::default();
+            for cf in [CF_RESUME, CF_RESUME_RECENT] {
+                batch.delete_range_cf(self.cf(cf), &[][..], &[0xff][..]);
+            }
+            batch.delete_cf(meta, META_TABLE_RESTORED_V1);
+            self.commit(batch)?;
+            tracing::info!("the resume table was stored with an earlier key format; rebuilding it from its topic");
+        }
+        Ok(false)
+    }
+
+    /// Records that the table is complete in this directory.
+    pub fn stage_table_restored(&self, batch: &mut WriteBatch) {
+        batch.put_cf(self.cf(CF_META), META_TABLE_RESTORED, [1]);
+    }
+
+    /// Approximate number of table entries.
+    pub fn table_len(&self) -> u64 {
+        self.db
+            .property_int_value_cf(self.cf(CF_RESUME), "rocksdb.estimate-num-keys")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+
+    /// Approximate bytes held: SST files plus memtables, all column families.
+    pub fn size_bytes(&self) -> u64 {
+        COLUMN_FAMILIES
+            .iter()
+            .flat_map(|cf| {
+                [
+                    "rocksdb.total-sst-files-size",
+                    "rocksdb.size-all-mem-tables",
+                ]
+                .map(|p| {
+                    self.db
+                        .property_int_value_cf(self.cf(cf), p)
+                        .ok()
+                        .flatten()
+                        .unwrap_or(0)
+                })
+            })
+            .sum()
+    }
+}
+
+/// Meta key of a stage's input partition: each stage reads its own topic.
+fn meta_key(stage: &str, partition: i32) -> Vec<u8> {
+    let mut key = format!("{stage}/").into_bytes();
+    key.extend_from_slice(&keys::partition_prefix(partition));
+    key
+}
+
+/// A group's value: play, rebuffer and rebuffer-event counters, then the viewer hashes.
+/// One value per group keeps a checkpoint to one write per changed group, however many
+/// viewers joined since the last one.
+fn encode_group(agg: &GroupAgg, out: &mut Vec<u8>) {
+    out.clear();
+    out.reserve(24 + 8 * agg.viewers.len());
+    for counter in [agg.play_ms, agg.rebuffer_ms, agg.rebuffer_events] {
+        out.extend_from_slice(&counter.to_le_bytes());
+    }
+    for session in &agg.viewers {
+        out.extend_from_slice(&session.to_le_bytes());
+    }
+}
+
+fn decode_group(bytes: &[u8]) -> Option<GroupAgg> {
+    if bytes.len() < 24 || bytes.len() % 8 != 0 {
+        return None;
+    }
+    let mut words = bytes
+        .chunks_exact(8)
+        .map(|w| u64::from_le_bytes(w.try_into().expect("8-byte chunks")));
+    let mut next = || words.next().map(|w| w as i64);
+    let (play_ms, rebuffer_ms, rebuffer_events) = (next()?, next()?, next()?);
+    Some(GroupAgg {
+        play_ms,
+        rebuffer_ms,
+        rebuffer_events,
+        viewers: words.collect(),
+        dirty: false,
+    })
+}
+
+/// Stages the index entry of `position` when it is unfinished.
+fn stage_index(
+    batch: &mut WriteBatch,
+    recent: &rocksdb::ColumnFamily,
+    partition: i32,
+    position: &crate::record::ResumePosition,
+) {
+    if !position.completed {
+        let key = keys::recent_key(
+            partition,
+            &position.profile_id,
+            position.updated_at,
+            &position.title_id,
+        );
+        batch.put_cf(recent, key, []);
+    }
+}
+
+fn decode_entry(key: &[u8], bytes: &[u8]) -> Result<StoredEntry, StateError> {
+    serde_json::from_slice(bytes).map_err(|e| StateError::Corrupt {
+        key: format!("{CF_RESUME}/{}", String::from_utf8_lossy(key)),
+        message: e.to_string(),
+    })
+}
+
+fn group_of<'w>(
+    windows: &'w mut PartitionWindows,
+    start: i64,
+    slot: u8,
+    group: &str,
+) -> &'w mut GroupAgg {
+    windows
+        .windows
+        .entry(start)
+        .or_default()
+        .group_mut(slot, group)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Dimension;
+    use crate::record::{EventType, PlaybackEvent};
+    use crate::window::WindowSpec;
+    use proptest::prelude::*;
+
+    fn event(i: u32, t: i64) -> PlaybackEvent {
+        PlaybackEvent {
+            event_id: format!("e{i}"),
+            session_id: format!("s{}", i % 7),
+            account_id: "a".into(),
+            profile_id: "p".into(),
+            device_id: "d".into(),
+            device_type: ["tv", "web"][i as usize % 2].into(),
+            title_id: "t".into(),
+            country: ["NL", "US", "BR"][i as usize % 3].into(),
+            cdn: "c".into(),
+            event_type: [
+                EventType::Heartbeat,
+                EventType::RebufferStart,
+                EventType::Play,
+            ][i as usize % 3],
+            event_time: t,
+            position_ms: 0,
+            duration_ms: None,
+            play_ms: i64::from(i % 100),
+            rebuffer_ms: i64::from(i % 13),
+            startup_ms: None,
+            bitrate_kbps: None,
+            error_code: None,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// The store, checkpointed at random points and with windows closing, always restores
+        /// exactly the in-memory model.
+        #[test]
+        fn restore_equals_the_in_memory_model(times in prop::collection::vec((0i64..100_000, any::<bool>(), any::<bool>()), 1..150)) {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path(), 8, 8).unwrap();
+            let spec = WindowSpec { size: 10_000, grace: 0 };
+            let dims = [Dimension::Country, Dimension::DeviceType];
+            let mut model = PartitionWindows::default();
+            let mut other = PartitionWindows::default();
+            for (i, (t, checkpoint, close)) in times.into_iter().enumerate() {
+                model.add(&spec, &dims, &event(i as u32, t));
+                other.add(&spec, &dims, &event(i as u32 + 1, t));
+                if close {
+                    let mut batch = WriteBatch::default();
+                    for (start, _) in model.take_closed(&spec, t - 20_000) {
+                        store.stage_window_delete(&mut batch, 7, start);
+                    }
+                    store.commit(batch).unwrap();
+                }
+                if checkpoint {
+                    let mut batch = WriteBatch::default();
+                    store.stage_windows(&mut batch, 7, &mut model);
+                    store.stage_windows(&mut batch, 8, &mut other);
+                    store.stage_meta(&mut batch, "qos", 7, PartitionMeta { next_offset: i as i64, max_event_time: Some(t) });
+                    store.commit(batch).unwrap();
+                }
+            }
+            let mut batch = WriteBatch::default();
+            store.stage_windows(&mut batch, 7, &mut model);
+            store.commit(batch).unwrap();
+            let restored = store.load_windows(7).unwrap();
+            let strip = |w: &PartitionWindows| {
+                let mut w = w.clone();
+                for p in w.windows.values_mut() { for g in p.groups.iter_mut() { for a in g.values_mut() { a.dirty = false; } } }
+                w
+            };
+            prop_assert_eq!(strip(&restored), strip(&model));
+        }
+    }
+
+    fn stored(profile: &str, title: &str, updated_at: i64, completed: bool) -> StoredEntry {
+        StoredEntry {
+            entry: Entry {
+                position: crate::record::ResumePosition {
+                    profile_id: profile.into(),
+                    title_id: title.into(),
+                    position_ms: 1,
+                    duration_ms: None,
+                    progress: None,
+                    completed,
+                    updated_at,
+                    device_type: "tv".into(),
+                },
+                event_id: "e".into(),
+            },
+            pending: false,
+        }
+    }
+
+    /// The continue-watching row as the query API defines it, from every entry.
+    fn row_of(
+        model: &std::collections::BTreeMap<(String, String), (i64, bool)>,
+        profile: &str,
+        limit: usize,
+    ) -> Vec<(String, i64)> {
+        let mut row: Vec<(String, i64)> = model
+            .iter()
+            .filter(|((p, _), (_, completed))| p == profile && !completed)
+            .map(|((_, t), (at, _))| (t.clone(), *at))
+            .collect();
+        row.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        row.truncate(limit);
+        row
+    }
+
+    proptest! {
+        /// Whatever sequence of updates, completions and deletions, the index gives exactly the
+        /// row a full scan would, and holds no stale entry.
+        #[test]
+        fn the_recency_index_agrees_with_the_table(
+            batches in prop::collection::vec(
+                prop::collection::vec((0u8..2, 0u8..6, prop::option::of((0i64..20, any::<bool>()))), 1..8),
+                1..12,
+            ),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path(), 8, 8).unwrap();
+            let mut model = std::collections::BTreeMap::new();
+            for ops in batches {
+                // One write per entry per batch, the newest winning, as the table stage does.
+                let ops: std::collections::BTreeMap<_, _> =
+                    ops.into_iter().map(|(p, t, v)| ((format!("p/{p}"), format!("t\0{t}")), v)).collect();
+                let mut batch = WriteBatch::default();
+                for ((profile, title), op) in ops {
+                    match op {
+                        Some((at, completed)) => {
+                            store.stage_table_put(&mut batch, 0, &stored(&profile, &title, at, completed)).unwrap();
+                            model.insert((profile, title), (at, completed));
+                        }
+                        None => {
+                            store.stage_table_delete(&mut batch, 0, &profile, &title).unwrap();
+                            model.remove(&(profile, title));
+                        }
+                    }
+                }
+                store.commit(batch).unwrap();
+                for profile in ["p/0", "p/1"] {
+                    for limit in [1, 3, 100] {
+                        let got: Vec<(String, i64)> = store
+                            .table_recent(0, profile, limit)
+                            .unwrap()
+                            .into_iter()
+                            .map(|s| (s.entry.position.title_id, s.entry.position.updated_at))
+                            .collect();
+                        prop_assert_eq!(got, row_of(&model, profile, limit));
+                    }
+                }
+                let indexed = store.db.iterator_cf(store.cf(CF_RESUME_RECENT), IteratorMode::Start).count();
+                prop_assert_eq!(indexed, model.values().filter(|(_, completed)| !completed).count());
+            }
+        }
+    }
+
+    /// A row of 20 from a profile of 10,000 unfinished titles steps over about 20 keys, not
+    /// 10,000 (RocksDB's own count of iterator steps in the memtable).
+    #[test]
+    fn continue_watching_reads_only_what_the_limit_needs() {
+        use rocksdb::perf::{set_perf_stats, PerfContext, PerfMetric, PerfStatsLevel};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8, 64).unwrap();
+        let mut batch = WriteBatch::default();
+        for t in 0..10_000 {
+            let entry = stored("binge", &format!("t{t:05}"), t, false);
+            store.stage_table_put(&mut batch, 0, &entry).unwrap();
+        }
+        store.commit(batch).unwrap();
+        set_perf_stats(PerfStatsLevel::EnableCount);
+        let mut perf = PerfContext::default();
+        perf.reset();
+        let row = store.table_recent(0, "binge", 20).unwrap();
+        let steps = perf.metric(PerfMetric::NextOnMemtableCount);
+        set_perf_stats(PerfStatsLevel::Disable);
+        assert_eq!(row.len(), 20);
+        assert_eq!(row[0].entry.position.title_id, "t09999");
+        assert!(steps <= 40, "{steps} iterator steps for a row of 20");
+    }
+
+    #[test]
+    fn a_table_without_the_recency_index_gets_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8, 8).unwrap();
+        let mut batch = WriteBatch::default();
+        for (title, at, completed) in [("a", 5, false), ("b", 9, false), ("c", 7, true)] {
+            let entry = stored("p", title, at, completed);
+            let key = keys::table_key(2, "p", title);
+            batch.put_cf(
+                store.cf(CF_RESUME),
+                key,
+                serde_json::to_vec(&entry).unwrap(),
+            );
+        }
+        batch.put_cf(store.cf(CF_META), META_TABLE_RESTORED_V2, [1]);
+        store.commit(batch).unwrap();
+        assert!(store.table_recent(2, "p", 10).unwrap().is_empty());
+        assert!(
+            store.table_restored().unwrap(),
+            "kept, not rebuilt from the topic"
+        );
+        let titles: Vec<String> = store
+            .table_recent(2, "p", 10)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.entry.position.title_id)
+            .collect();
+        assert_eq!(titles, ["b", "a"]);
+    }
+
+    #[test]
+    fn a_table_in_the_earlier_key_format_is_dropped_for_a_rebuild() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8, 8).unwrap();
+        let mut batch = WriteBatch::default();
+        batch.put_cf(store.cf(CF_RESUME), b"\0\0\0\x01p\0t", b"{}");
+        batch.put_cf(store.cf(CF_META), META_TABLE_RESTORED_V1, [1]);
+        store.commit(batch).unwrap();
+        assert!(!store.table_restored().unwrap(), "rebuilt from the topic");
+        let left = store
+            .db
+            .iterator_cf(store.cf(CF_RESUME), rocksdb::IteratorMode::Start)
+            .count();
+        assert_eq!(left, 0, "old entries are gone");
+        let mut batch = WriteBatch::default();
+        store.stage_table_restored(&mut batch);
+        store.commit(batch).unwrap();
+        assert!(store.table_restored().unwrap());
+    }
+
+    #[test]
+    fn meta_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8, 8).unwrap();
+        assert_eq!(store.partition_meta("qos", 3).unwrap(), None);
+        let meta = PartitionMeta {
+            next_offset: 42,
+            max_event_time: Some(-5),
+        };
+        let mut batch = WriteBatch::default();
+        store.stage_meta(&mut batch, "qos", 3, meta);
+        store.stage_closed_through(&mut batch, 99);
+        store.commit(batch).unwrap();
+        drop(store);
+        let store = Store::open(dir.path(), 8, 8).unwrap();
+        assert_eq!(store.partition_meta("qos", 3).unwrap(), Some(meta));
+        assert_eq!(store.partition_meta("resume", 3).unwrap(), None);
+        assert_eq!(store.closed_through().unwrap(), Some(99));
+    }
+}
