@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every cargo-fuzz target in fuzz/ for a bounded time from its seed corpus in
-# fuzz/corpus/<target>, with AddressSanitizer. Usage: scripts/fuzz.sh [seconds per target, 20]
+# fuzz/corpus/<target> (and topologies/ for the topology target), with AddressSanitizer. Usage: scripts/fuzz.sh [seconds per target, 20]
 # A crash fails the run and leaves its input under $FUZZ_OUT (printed); make it a regression
 # test before fixing it. Needs the nightly toolchain and cargo-fuzz (installed when missing).
 set -euo pipefail
@@ -25,7 +25,9 @@ for target in $(cargo +nightly fuzz list); do
   # New inputs go to a scratch directory; the checked-in seeds stay as they are.
   mkdir -p "$out/$target"
   echo "fuzzing $target for ${seconds}s" >&2
-  if ! cargo +nightly fuzz run -O "$target" "$out/$target" "fuzz/corpus/$target" -- \
+  seeds=("fuzz/corpus/$target")
+  [ "$target" = topology ] && seeds+=(topologies)  # the shipped topologies seed it too
+  if ! cargo +nightly fuzz run -O "$target" "$out/$target" "${seeds[@]}" -- \
       -max_total_time="$seconds" -artifact_prefix="$out/$target-" -print_final_stats=1 \
       >"$out/$target.log" 2>&1; then
     tail -60 "$out/$target.log" >&2
