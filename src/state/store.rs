@@ -245,6 +245,9 @@ impl Store {
                 break;
             }
             table_keys.extend(keys::table_key_of_recent(&prefix, &key));
+            if table_keys.len() >= limit {
+                break;
+            }
         }
         let table = self.cf(CF_RESUME);
         let values = self
