@@ -10,11 +10,14 @@ use crate::config::{ResumeConfig, Topology};
 use crate::decode::Decoder;
 use crate::error::PipelineError;
 use crate::http::{self, Health};
-use crate::pipeline::{Pipeline, ResultHook};
+use crate::operators::qos::{QosWindows, ResultHook};
+use crate::operators::repartition::Repartition;
+use crate::operators::table::ResumeTable;
 use crate::registry::{HttpRegistry, SchemaRegistry};
-use crate::resume::{self, TableStage, TableView, RESUME_POSITION_SCHEMA};
+use crate::resume::{self, TableView, RESUME_POSITION_SCHEMA};
+use crate::runtime::{Operator, Task, TaskOptions};
 use crate::sink::{
-    ensure_topics, producer_config, OutputTopics, Sink, TopicSpec, COMPACTED, QOS_WINDOW_SCHEMA,
+    ensure_topics, producer_config, Output, Sink, TopicSpec, COMPACTED, QOS_WINDOW_SCHEMA,
 };
 use crate::source::{consumer_config, Source};
 use crate::state::Store;
@@ -70,7 +73,15 @@ pub fn run(
     result
 }
 
-/// Runs each declared operator on its own thread; the first failure stops them all.
+/// Name of the task reading the input topic (its offsets in the meta column family, its
+/// readiness in `/readyz`), and the name its offsets had when only QoS windows read it.
+pub const INPUT_TASK: &str = "input";
+const INPUT_TASK_BEFORE: &str = "qos";
+/// Name of the task reading the repartition topic into the resume table.
+pub const TABLE_TASK: &str = "resume";
+
+/// Runs one task per input topic on its own thread (the input, and the repartition topic when
+/// the table needs it); the first failure stops them all.
 fn run_operators(
     topology: &Topology,
     endpoints: &Endpoints,
@@ -81,30 +92,94 @@ fn run_operators(
     on_result: Option<ResultHook>,
 ) -> Result<(), PipelineError> {
     let registry: Arc<dyn SchemaRegistry> = Arc::new(HttpRegistry::new(&endpoints.registry)?);
+    let producer = producer_config(&endpoints.brokers, &topology.sink.kafka);
+    let repartition_topic = topology
+        .resume
+        .as_ref()
+        .map(|r| r.repartition_topic(&topology.name));
+    ensure_topics(
+        &producer,
+        &output_topics(topology, repartition_topic.as_deref()),
+    )?;
+    let resume = topology.resume.as_ref().zip(table);
+    // The table reads the input itself when the input is already keyed by profile.
+    let (table_on_input, table_task) = match resume {
+        Some((r, view)) if r.input_keyed_by_profile => (Some((r, view)), None),
+        other => (None, other),
+    };
+    let input_has_operators =
+        topology.qos.is_some() || table_task.is_some() || table_on_input.is_some();
+    // Ready only once every task is (each restores its state first).
+    if input_has_operators {
+        health.expect(INPUT_TASK);
+    }
+    if table_task.is_some() {
+        health.expect(TABLE_TASK);
+    }
     let stop = shutdown.child_token();
-    // Ready only once every operator is (each restores its state first).
-    if topology.qos.is_some() {
-        health.expect("qos");
-    }
-    if topology.resume.is_some() {
-        health.expect("resume");
-    }
     std::thread::scope(|scope| {
         let mut tasks = Vec::new();
-        if let Some(qos) = topology.qos.clone() {
+        if input_has_operators {
             let (registry, store, stop) = (Arc::clone(&registry), Arc::clone(&store), stop.clone());
+            let table = table_on_input.map(|(r, v)| (r.clone(), v));
+            let repartition = table_task.as_ref().map(|(r, _)| (*r).clone());
             tasks.push(spawn_operator(scope, &stop.clone(), move || {
-                run_qos(
-                    topology, &qos, endpoints, registry, store, health, on_result, &stop,
-                )
+                let mut operators: Vec<Box<dyn Operator>> = Vec::new();
+                if let Some(qos) = &topology.qos {
+                    let results = Output::register(
+                        registry.as_ref(),
+                        &topology.sink.topic,
+                        QOS_WINDOW_SCHEMA,
+                    )?;
+                    let windows = QosWindows::new(
+                        qos,
+                        Arc::clone(&store),
+                        results,
+                        &topology.sink.late_topic,
+                    )?;
+                    operators.push(Box::new(windows.on_result(on_result)));
+                }
+                if let Some(resume) = &repartition {
+                    let topic = resume.repartition_topic(&topology.name);
+                    operators.push(Box::new(Repartition::new(&topic, resume.partitions)));
+                }
+                if let Some((resume, view)) = table {
+                    operators.push(table_operator(
+                        topology,
+                        &resume,
+                        view,
+                        endpoints,
+                        registry.as_ref(),
+                    )?);
+                }
+                let task = input_task(topology, endpoints, registry, store, operators, health)?;
+                task.run(&stop)
             }));
         }
-        if let (Some(resume), Some(table)) = (topology.resume.clone(), table) {
-            let (registry, stop) = (Arc::clone(&registry), stop.clone());
+        if let Some((resume, view)) = table_task {
+            let (registry, store, stop) = (Arc::clone(&registry), Arc::clone(&store), stop.clone());
             tasks.push(spawn_operator(scope, &stop.clone(), move || {
-                run_resume(
-                    topology, &resume, endpoints, registry, table, health, &stop, scope,
-                )
+                let table = table_operator(topology, resume, view, endpoints, registry.as_ref())?;
+                let source_topic = resume.repartition_topic(&topology.name);
+                let options = TaskOptions {
+                    name: TABLE_TASK,
+                    legacy_name: None,
+                    max_drift_ms: None,
+                    ..task_options(topology)
+                };
+                let group = format!("{}-resume", topology.group_id());
+                let task = task(
+                    topology,
+                    endpoints,
+                    &source_topic,
+                    &group,
+                    options,
+                    registry,
+                    store,
+                    vec![table],
+                    health,
+                )?;
+                task.run(&stop)
             }));
         }
         tasks
@@ -139,163 +214,134 @@ fn join_operator(
         .unwrap_or_else(|_| Err(PipelineError::Other("an operator thread panicked".into())))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_qos(
+/// Every topic the topology writes, with its partitions and settings; `repartition_topic` is
+/// the resume table's internal topic, when it has one.
+fn output_topics<'a>(
+    topology: &'a Topology,
+    repartition_topic: Option<&'a str>,
+) -> Vec<TopicSpec<'a>> {
+    let sink = &topology.sink;
+    let mut topics = vec![topic_spec(
+        topology,
+        &sink.dead_letter_topic,
+        sink.partitions,
+        &[],
+    )];
+    if topology.qos.is_some() {
+        // Results are keyed by window and group: compaction only drops replayed duplicates.
+        topics.push(topic_spec(
+            topology,
+            &sink.topic,
+            sink.partitions,
+            COMPACTED,
+        ));
+        topics.push(topic_spec(topology, &sink.late_topic, sink.partitions, &[]));
+    }
+    if let Some(resume) = &topology.resume {
+        let partitions = Some(resume.partitions);
+        topics.push(topic_spec(topology, &resume.topic, partitions, COMPACTED));
+        if let Some(name) = repartition_topic.filter(|_| !resume.input_keyed_by_profile) {
+            topics.push(topic_spec(topology, name, partitions, &[]));
+        }
+    }
+    topics
+}
+
+/// The topology's time and checkpoint settings, for a task with alignment when it has [qos].
+fn task_options(topology: &Topology) -> TaskOptions {
+    let time = &topology.time;
+    TaskOptions {
+        name: INPUT_TASK,
+        legacy_name: Some(INPUT_TASK_BEFORE),
+        out_of_orderness: time.out_of_orderness,
+        idle_timeout: time.idle_timeout,
+        max_future_skew_ms: time.max_future_skew.as_millis() as i64,
+        max_drift_ms: topology
+            .qos
+            .as_ref()
+            .map(|_| time.max_partition_drift.as_millis() as i64),
+        checkpoint_interval: topology.state.checkpoint_interval,
+    }
+}
+
+/// The task reading the topology's input.
+fn input_task(
     topology: &Topology,
-    qos: &crate::config::QosConfig,
     endpoints: &Endpoints,
     registry: Arc<dyn SchemaRegistry>,
     store: Arc<Store>,
+    operators: Vec<Box<dyn Operator>>,
     health: &Arc<Health>,
-    on_result: Option<ResultHook>,
-    stop: &CancellationToken,
-) -> Result<(), PipelineError> {
-    let producer = producer_config(&endpoints.brokers, &topology.sink.kafka);
-    let topics = OutputTopics {
-        results: topology.sink.topic.clone(),
-        late: topology.sink.late_topic.clone(),
-        dead_letter: topology.sink.dead_letter_topic.clone(),
-    };
-    // Results are keyed by window and group: compaction only drops replayed duplicates.
-    let topic = |name, configs| topic_spec(topology, name, topology.sink.partitions, configs);
-    ensure_topics(
-        &producer,
-        &[
-            topic(&topics.results, COMPACTED),
-            topic(&topics.late, &[]),
-            topic(&topics.dead_letter, &[]),
-        ],
-    )?;
-    let sink = Sink::new(
-        &producer,
-        topics,
-        &topology.source.topic,
-        registry.as_ref(),
-        QOS_WINDOW_SCHEMA,
-    )?;
-    let mut consumer = consumer_config(
-        &endpoints.brokers,
-        &topology.group_id(),
-        &topology.source.kafka,
-    );
-    // Idle means caught up: partition EOF says the consumer has read all the broker holds.
-    consumer.set("enable.partition.eof", "true");
-    let source = Source::subscribe(&consumer, &topology.source.topic)?;
+) -> Result<Task, PipelineError> {
+    let names: Vec<&str> = operators.iter().map(|o| o.name()).collect();
     tracing::info!(
         topology = %topology.name,
         topic = %topology.source.topic,
         group = %topology.group_id(),
         state = %topology.state.dir.display(),
-        "QoS pipeline starting"
+        operators = ?names,
+        "input task starting"
     );
-    let mut pipeline = Pipeline::new(
+    task(
         topology,
-        qos,
+        endpoints,
+        &topology.source.topic,
+        &topology.group_id(),
+        task_options(topology),
+        registry,
+        store,
+        operators,
+        health,
+    )
+}
+
+/// A task over `topic` in consumer group `group`, with its own producer.
+#[allow(clippy::too_many_arguments)]
+fn task(
+    topology: &Topology,
+    endpoints: &Endpoints,
+    topic: &str,
+    group: &str,
+    options: TaskOptions,
+    registry: Arc<dyn SchemaRegistry>,
+    store: Arc<Store>,
+    operators: Vec<Box<dyn Operator>>,
+    health: &Arc<Health>,
+) -> Result<Task, PipelineError> {
+    let producer = producer_config(&endpoints.brokers, &topology.sink.kafka);
+    let sink = Sink::new(&producer, &topology.sink.dead_letter_topic, topic)?;
+    let mut consumer = consumer_config(&endpoints.brokers, group, &topology.source.kafka);
+    // Idle means caught up: partition EOF says the consumer has read all the broker holds.
+    consumer.set("enable.partition.eof", "true");
+    let source = Source::subscribe(&consumer, topic)?;
+    Ok(Task::new(
+        options,
         source,
         Decoder::new(registry),
         sink,
         store,
+        operators,
         Arc::clone(health),
-    )?;
-    if let Some(hook) = on_result {
-        pipeline = pipeline.on_result(hook);
-    }
-    pipeline.run(stop)
+    ))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_resume<'scope>(
-    topology: &'scope Topology,
+/// The resume-table operator, after its table is restored from its topic on a new machine.
+fn table_operator(
+    topology: &Topology,
     resume: &ResumeConfig,
-    endpoints: &'scope Endpoints,
-    registry: Arc<dyn SchemaRegistry>,
-    table: Arc<TableView>,
-    health: &Arc<Health>,
-    stop: &CancellationToken,
-    scope: &'scope std::thread::Scope<'scope, '_>,
-) -> Result<(), PipelineError> {
-    let producer = producer_config(&endpoints.brokers, &topology.sink.kafka);
-    let repartition_topic = resume.repartition_topic(&topology.name);
-    let table_input = if resume.input_keyed_by_profile {
-        topology.source.topic.clone()
-    } else {
-        repartition_topic.clone()
-    };
-    let table_partitions = Some(resume.partitions);
-    let mut topics = vec![
-        topic_spec(topology, &resume.topic, table_partitions, COMPACTED),
-        topic_spec(
-            topology,
-            &topology.sink.dead_letter_topic,
-            topology.sink.partitions,
-            &[],
-        ),
-    ];
-    if !resume.input_keyed_by_profile {
-        topics.push(topic_spec(
-            topology,
-            &repartition_topic,
-            table_partitions,
-            &[],
-        ));
-    }
-    ensure_topics(&producer, &topics)?;
-    resume::restore(&table.store, &endpoints.brokers, resume, registry.as_ref())?;
-
-    let dead_letters = |source_topic: &str| {
-        let topics = OutputTopics {
-            results: resume.topic.clone(),
-            late: topology.sink.late_topic.clone(),
-            dead_letter: topology.sink.dead_letter_topic.clone(),
-        };
-        Sink::new(
-            &producer,
-            topics,
-            source_topic,
-            registry.as_ref(),
-            RESUME_POSITION_SCHEMA,
-        )
-    };
-    let repartitioner = if resume.input_keyed_by_profile {
-        None
-    } else {
-        let sink = dead_letters(&topology.source.topic)?;
-        let target = producer
-            .create_with_context(crate::sink::DeliveryTracker::default())
-            .map_err(PipelineError::kafka("creating the repartition producer"))?;
-        let decoder = Decoder::new(Arc::clone(&registry));
-        let (resume, stop) = (resume.clone(), stop.clone());
-        Some(spawn_operator(scope, &stop.clone(), move || {
-            resume::repartition(
-                topology,
-                &resume,
-                &endpoints.brokers,
-                decoder,
-                sink,
-                target,
-                &stop,
-            )
-        }))
-    };
-    let consumer = consumer_config(
-        &endpoints.brokers,
-        &format!("{}-resume", topology.group_id()),
-        &topology.source.kafka,
-    );
-    let source = Source::subscribe(&consumer, &table_input)?;
-    tracing::info!(topology = %topology.name, input = %table_input, output = %resume.topic, "resume table starting");
-    let stage = TableStage::new(
-        topology,
+    view: Arc<TableView>,
+    endpoints: &Endpoints,
+    registry: &dyn SchemaRegistry,
+) -> Result<Box<dyn Operator>, PipelineError> {
+    resume::restore(&view.store, &endpoints.brokers, resume, registry)?;
+    tracing::info!(topology = %topology.name, output = %resume.topic, "resume table starting");
+    let output = Output::register(registry, &resume.topic, RESUME_POSITION_SCHEMA)?;
+    Ok(Box::new(ResumeTable::new(
         resume,
-        Decoder::new(Arc::clone(&registry)),
-        dead_letters(&table_input)?,
-        table,
-        Arc::clone(health),
-    );
-    let result = stage.run(&source, stop);
-    stop.cancel();
-    let repartitioned = repartitioner.map_or(Ok(()), join_operator);
-    result.and(repartitioned)
+        view,
+        output,
+        topology.state.checkpoint_interval,
+    )))
 }
 
 /// A topic this instance creates if it is missing, with the topology's replication factor.

@@ -87,7 +87,7 @@ pub fn run(brokers: &str, options: &BenchOptions) -> Result<BenchReport, Pipelin
     let topic = format!(
         "bench-events-{}-{}",
         std::process::id(),
-        crate::pipeline::wall_clock_ms()
+        crate::runtime::wall_clock_ms()
     );
     let state = tempdir_path("marquee-bench");
     let mut topology = Topology::parse(
@@ -197,7 +197,7 @@ fn tempdir_path(prefix: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!(
         "{prefix}-{}-{}",
         std::process::id(),
-        crate::pipeline::wall_clock_ms()
+        crate::runtime::wall_clock_ms()
     ))
 }
 

@@ -15,8 +15,8 @@ use crate::config::Topology;
 use crate::error::PipelineError;
 use crate::gen::{publish, GenOptions, Generator, Publisher};
 use crate::http::Health;
-use crate::pipeline::wall_clock_ms;
 use crate::registry::{EmbeddedRegistry, HttpRegistry};
+use crate::runtime::wall_clock_ms;
 
 /// The demo topology: short windows so the first result shows within seconds.
 pub const DEMO_TOPOLOGY: &str = include_str!("../topologies/demo.toml");
@@ -77,7 +77,7 @@ pub fn run(
         );
         std::thread::spawn(move || generate_live(&brokers, &registry, &topic, rate, &stop))
     };
-    let print: crate::pipeline::ResultHook = Box::new(|w| {
+    let print: crate::operators::qos::ResultHook = Box::new(|w| {
         if w.dimension == "all" {
             println!(
                 "{} window {}s  viewers {:>5}  play {:>8}s  rebuffer ratio {}",

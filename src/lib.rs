@@ -59,12 +59,14 @@ pub mod http;
 #[cfg(feature = "runtime")]
 pub mod metrics;
 #[cfg(feature = "runtime")]
-pub mod pipeline;
+pub mod operators;
 pub mod query;
 pub mod record;
 pub mod registry;
 #[cfg(feature = "runtime")]
 pub mod resume;
+#[cfg(feature = "runtime")]
+pub mod runtime;
 #[cfg(feature = "runtime")]
 pub mod sink;
 #[cfg(feature = "runtime")]

@@ -210,7 +210,7 @@ fn main() -> anyhow::Result<()> {
                 ..GenOptions::default()
             };
             if let Some(rate) = rate {
-                options = options.paced(rate, marquee::pipeline::wall_clock_ms());
+                options = options.paced(rate, marquee::runtime::wall_clock_ms());
             }
             let started = Instant::now();
             let sent = publish(

@@ -181,57 +181,63 @@ pub fn producer_config(brokers: &str, overrides: &BTreeMap<String, String>) -> C
     config
 }
 
-/// Topic names of a pipeline's outputs.
-#[derive(Debug, Clone)]
-pub struct OutputTopics {
-    pub results: String,
-    pub late: String,
-    pub dead_letter: String,
+/// One registered output of an operator: its topic and the encoder of its schema.
+pub struct Output {
+    /// The topic results are written to.
+    pub topic: String,
+    encoder: AvroEncoder,
 }
 
-/// Writes results, late and dead-letter records.
+impl Output {
+    /// Registers `schema` as `<topic>-value`.
+    pub fn register(
+        registry: &dyn SchemaRegistry,
+        topic: &str,
+        schema: &str,
+    ) -> Result<Self, RegistryError> {
+        Ok(Self {
+            topic: topic.to_string(),
+            encoder: AvroEncoder::register(registry, &format!("{topic}-value"), schema)?,
+        })
+    }
+}
+
+/// The producer of one task: every operator's outputs, late copies and dead letters, flushed
+/// together at each checkpoint.
 pub struct Sink {
     producer: ThreadedProducer<DeliveryTracker>,
-    topics: OutputTopics,
+    dead_letter: String,
     source_topic: String,
-    results: AvroEncoder,
 }
 
 impl Sink {
-    /// Connects a producer and registers `results_schema` as `<results topic>-value`.
+    /// Connects a producer for a task reading `source_topic`.
     pub fn new(
         config: &ClientConfig,
-        topics: OutputTopics,
+        dead_letter: &str,
         source_topic: &str,
-        registry: &dyn SchemaRegistry,
-        results_schema: &str,
     ) -> Result<Self, PipelineError> {
-        let results = AvroEncoder::register(
-            registry,
-            &format!("{}-value", topics.results),
-            results_schema,
-        )?;
         let producer: ThreadedProducer<DeliveryTracker> = config
             .create_with_context(DeliveryTracker::default())
             .map_err(PipelineError::kafka("creating the producer"))?;
         Ok(Self {
             producer,
-            topics,
+            dead_letter: dead_letter.to_string(),
             source_topic: source_topic.to_string(),
-            results,
         })
     }
 
-    /// Sends one result record to the results topic (to `partition`, or by key).
+    /// Sends one result record to `output` (to `partition`, or by key).
     pub fn send_result<T: Serialize>(
         &self,
+        output: &Output,
         key: &str,
         value: &T,
         partition: Option<i32>,
         headers: &[(&str, &str)],
     ) -> Result<(), PipelineError> {
-        let value = self.results.encode(value)?;
-        let mut record = BaseRecord::to(&self.topics.results)
+        let value = output.encoder.encode(value)?;
+        let mut record = BaseRecord::to(&output.topic)
             .key(key.as_bytes())
             .payload(&value);
         if let Some(p) = partition {
@@ -247,17 +253,44 @@ impl Sink {
         self.send(record)
     }
 
-    /// Sends a tombstone (null value) for `key`: compaction deletes the entry.
-    pub fn send_tombstone(&self, key: &str, partition: i32) -> Result<(), PipelineError> {
-        let record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&self.topics.results)
+    /// Sends a tombstone (null value) for `key` to `output`: compaction deletes the entry.
+    pub fn send_tombstone(
+        &self,
+        output: &Output,
+        key: &str,
+        partition: i32,
+    ) -> Result<(), PipelineError> {
+        let record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&output.topic)
             .key(key.as_bytes())
             .partition(partition);
         self.send(record)
     }
 
-    /// Sends a late record unchanged to the late topic.
+    /// Sends input bytes unchanged to `partition` of `topic` (an internal topic), keeping the
+    /// record's timestamp.
+    pub fn send_raw(
+        &self,
+        topic: &str,
+        key: &[u8],
+        value: Option<&[u8]>,
+        partition: i32,
+        timestamp: Option<i64>,
+    ) -> Result<(), PipelineError> {
+        let mut record: BaseRecord<'_, [u8], [u8]> =
+            BaseRecord::to(topic).key(key).partition(partition);
+        if let Some(value) = value {
+            record = record.payload(value);
+        }
+        if let Some(ts) = timestamp {
+            record = record.timestamp(ts);
+        }
+        self.send(record)
+    }
+
+    /// Sends a late record unchanged to `late_topic`.
     pub fn send_late(
         &self,
+        late_topic: &str,
         key: Option<&[u8]>,
         value: Option<&[u8]>,
         origin: Origin,
@@ -268,7 +301,7 @@ impl Sink {
             .origin_headers(origin, "late")
             .insert(header("marquee.window.start", &window_start.to_string()))
             .insert(header("marquee.watermark", &watermark.to_string()));
-        self.send_copy(&self.topics.late, key, value, origin, headers)
+        self.send_copy(late_topic, key, value, origin, headers)
     }
 
     /// Sends an undecodable or untrusted record unchanged to the dead-letter topic.
@@ -282,7 +315,7 @@ impl Sink {
         let headers = self
             .origin_headers(origin, error.reason())
             .insert(header("marquee.error", &error.to_string()));
-        self.send_copy(&self.topics.dead_letter, key, value, origin, headers)
+        self.send_copy(&self.dead_letter, key, value, origin, headers)
     }
 
     /// Waits until every record sent so far is delivered; fails if any delivery failed.
@@ -300,19 +333,8 @@ impl Sink {
         }
     }
 
-    /// Flushes `other` (a producer of another output), dead-lettering what it had refused, and
-    /// then this sink.
-    pub fn flush_also(
-        &self,
-        other: &ThreadedProducer<DeliveryTracker>,
-    ) -> Result<(), PipelineError> {
-        let refused = flush_and_check(other)?;
-        self.dead_letter_refused(refused)?;
-        self.flush()
-    }
-
     fn dead_letter_refused(&self, refused: Vec<Refused>) -> Result<(), PipelineError> {
-        let dead_letter = self.topics.dead_letter.as_str();
+        let dead_letter = self.dead_letter.as_str();
         for r in refused {
             crate::metrics::output_refused(&r.topic);
             tracing::warn!(

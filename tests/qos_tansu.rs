@@ -84,7 +84,7 @@ fn results_match_the_reference_with_disorder_lateness_poison_and_an_idle_partiti
     ];
     let mut future = events[1].1.clone();
     future.event_id = "from-the-future".into();
-    future.event_time = marquee::pipeline::wall_clock_ms() + 86_400_000;
+    future.event_time = marquee::runtime::wall_clock_ms() + 86_400_000;
     let future_value = feeder.v1.encode(&future).unwrap();
     let mut poison_sent = 0;
     for (i, (p, e)) in events.iter().enumerate() {

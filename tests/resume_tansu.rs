@@ -299,7 +299,7 @@ fn resume_table_survives_disorder_sigkill_and_a_wiped_state_directory() {
         .find(|p| marquee::gen::partition_for(p, 3) != expiring)
         .unwrap();
     rogue.event_id = "zz-rogue".into();
-    rogue.event_time = marquee::pipeline::wall_clock_ms() + 100 * 86_400_000;
+    rogue.event_time = marquee::runtime::wall_clock_ms() + 100 * 86_400_000;
     publisher.send(&rogue).unwrap();
     publisher.flush().unwrap();
     let rogue_key = format!("{}/{}", rogue.profile_id, rogue.title_id);

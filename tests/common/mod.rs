@@ -140,7 +140,7 @@ pub fn unique(prefix: &str) -> String {
     format!(
         "{prefix}-{}-{}-{}",
         std::process::id(),
-        marquee::pipeline::wall_clock_ms() % 1_000_000,
+        marquee::runtime::wall_clock_ms() % 1_000_000,
         N.fetch_add(1, Ordering::Relaxed)
     )
 }

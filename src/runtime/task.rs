@@ -1,0 +1,468 @@
+//! One task: a consumer of one topic driving a set of operators.
+//!
+//! A single thread polls the consumer and runs every stage on each record, so no stage waits
+//! on another and nothing is queued between them. Every `TICK_RECORDS` records (and on quiet
+//! polls) the operator watermark is recomputed, operators see it and the wall clock, and
+//! partitions running ahead are paused. Every `checkpoint_interval`:
+//!
+//! 0. operators send what they owe (rate-limited outputs);
+//! 1. flush the producer: every result, late and dead-letter record sent so far is delivered;
+//! 2. write one RocksDB batch: every operator's changed state, and each partition's next
+//!    offset and largest event time;
+//! 3. commit offsets to Kafka (for lag monitoring and new machines only).
+//!
+//! A crash between 1 and 2 replays from the previous checkpoint and re-emits identical keyed
+//! records; a crash before 1 loses nothing, since no offset moved.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message};
+use rocksdb::WriteBatch;
+use tokio_util::sync::CancellationToken;
+
+use super::{Context, Handled, Operator, Record};
+use crate::check::check;
+use crate::decode::Decoder;
+use crate::error::PipelineError;
+use crate::http::Health;
+use crate::metrics::{self, PartitionCounters};
+use crate::record::Origin;
+use crate::sink::Sink;
+use crate::source::{Assignment, Landing, Reposition, Source};
+use crate::state::{PartitionMeta, Store};
+use crate::watermark::Watermarks;
+
+/// Records between watermark ticks while data flows.
+const TICK_RECORDS: u32 = 4096;
+/// Longest time between watermark ticks.
+const TICK_INTERVAL: Duration = Duration::from_millis(100);
+/// A gap between ticks longer than this is a stall of Marquee itself, not quiet of the data.
+const STALL_GAP: Duration = Duration::from_secs(1);
+/// How long a repositioned partition may deliver nothing while the broker holds records past
+/// its position before it is sought back (see [`Reposition`]).
+const REPOSITION_PATIENCE: Duration = Duration::from_secs(2);
+
+/// How a task reads time and checkpoints.
+#[derive(Debug, Clone)]
+pub struct TaskOptions {
+    /// Name of the task's offsets and watermarks in the meta column family, and of its
+    /// readiness in `/readyz`.
+    pub name: &'static str,
+    /// An earlier name of the same offsets, read when the task has none under `name`.
+    pub legacy_name: Option<&'static str>,
+    /// The watermark's bound on disorder.
+    pub out_of_orderness: Duration,
+    /// How long a caught-up partition stays quiet before it is idle.
+    pub idle_timeout: Duration,
+    /// The clock-skew guard (`time.max_future_skew`), in milliseconds.
+    pub max_future_skew_ms: i64,
+    /// Pause partitions this far (ms) ahead of the slowest; `None` never pauses.
+    pub max_drift_ms: Option<i64>,
+    pub checkpoint_interval: Duration,
+}
+
+/// State of one owned input partition.
+struct PartitionState {
+    /// Next offset to process; records below it are already in the state.
+    next_offset: Option<i64>,
+    /// Paused by watermark alignment.
+    paused: bool,
+    /// Set when the fetch position moved (assignment, resume): where the partition must
+    /// continue, checked on its first record.
+    reposition: Option<Reposition>,
+    counters: PartitionCounters,
+}
+
+/// A running task.
+pub struct Task {
+    source: Source,
+    core: Core,
+}
+
+/// Everything but the consumer, so a borrowed message can be handled while it is held.
+struct Core {
+    options: TaskOptions,
+    decoder: Decoder,
+    sink: Sink,
+    store: Arc<Store>,
+    operators: Vec<Box<dyn Operator>>,
+    marks: Watermarks,
+    parts: BTreeMap<i32, PartitionState>,
+    topic: String,
+    /// Wall clock of the current tick, for idleness.
+    now: Instant,
+    /// Records processed since the last tick.
+    processed: u64,
+    /// Seeks owed to partitions whose broker skipped past the position they need.
+    seeks: Vec<(i32, i64)>,
+    health: Arc<Health>,
+}
+
+impl Task {
+    /// Wires `operators` to `source`; nothing is consumed until [`Task::run`].
+    pub fn new(
+        options: TaskOptions,
+        source: Source,
+        decoder: Decoder,
+        sink: Sink,
+        store: Arc<Store>,
+        operators: Vec<Box<dyn Operator>>,
+        health: Arc<Health>,
+    ) -> Self {
+        let core = Core {
+            marks: Watermarks::new(options.out_of_orderness, options.idle_timeout),
+            topic: source.topic().to_string(),
+            options,
+            decoder,
+            sink,
+            store,
+            operators,
+            parts: BTreeMap::new(),
+            now: Instant::now(),
+            processed: 0,
+            seeks: Vec::new(),
+            health,
+        };
+        Self { source, core }
+    }
+
+    /// Runs until `shutdown`, then checkpoints everything owed and returns.
+    pub fn run(self, shutdown: &CancellationToken) -> Result<(), PipelineError> {
+        let Self { source, mut core } = self;
+        let mut since_tick = 0u32;
+        let mut last_tick = Instant::now();
+        let mut last_checkpoint = Instant::now();
+        while !shutdown.is_cancelled() {
+            let polled = source.poll(Duration::from_millis(50));
+            for change in source.take_assignments() {
+                core.reassign(&source, change)?;
+            }
+            match polled {
+                Some(Ok(message)) => {
+                    core.handle(&message)?;
+                    since_tick += 1;
+                }
+                Some(Err(KafkaError::PartitionEOF(p))) => core.marks.set_caught_up(p, true),
+                Some(Err(e)) => tracing::warn!(error = %e, "consumer error; librdkafka retries"),
+                None => since_tick = TICK_RECORDS,
+            }
+            core.apply_seeks(&source)?;
+            if since_tick >= TICK_RECORDS || last_tick.elapsed() >= TICK_INTERVAL {
+                core.tick(&source)?;
+                since_tick = 0;
+                last_tick = Instant::now();
+            }
+            if last_checkpoint.elapsed() >= core.options.checkpoint_interval {
+                core.checkpoint(&source, false)?;
+                last_checkpoint = Instant::now();
+            }
+        }
+        core.tick(&source)?;
+        core.checkpoint(&source, true)?;
+        tracing::info!(
+            task = core.options.name,
+            "stopped cleanly: outputs flushed, state and offsets checkpointed"
+        );
+        Ok(())
+    }
+}
+
+impl Core {
+    /// Restores newly assigned partitions; checkpoints, then drops, revoked ones.
+    fn reassign(&mut self, source: &Source, change: Assignment) -> Result<(), PipelineError> {
+        match change {
+            Assignment::Assigned(partitions) => {
+                for p in partitions {
+                    self.assign(p)?;
+                }
+                // Partitions owned by no one here still hold windows open (see `watermark`).
+                let total = source.partition_count()?;
+                for p in 0..total {
+                    let max = self.partition_meta(p)?.and_then(|m| m.max_event_time);
+                    self.marks.track(p, max, self.now);
+                }
+                if (self.parts.len() as i32) < total {
+                    tracing::warn!(
+                        task = self.options.name,
+                        owned = self.parts.len(),
+                        total,
+                        "this instance owns only some input partitions: windows close once it owns all \
+                         (or the rebalance settles); one instance per topology until the two-phase merge exists"
+                    );
+                }
+                // Ready once the assigned partitions' state is restored.
+                self.health.set_ready(self.options.name, true);
+            }
+            Assignment::Revoked(partitions) => {
+                self.checkpoint(source, true)?;
+                for p in partitions {
+                    self.parts.remove(&p);
+                    self.marks.disown(p);
+                    for op in &mut self.operators {
+                        op.revoke(p);
+                    }
+                }
+                tracing::info!(task = self.options.name, owned = ?self.parts.keys().collect::<Vec<_>>(), "partitions revoked");
+            }
+        }
+        Ok(())
+    }
+
+    /// The checkpoint of `p`, under the task's name or its earlier one.
+    fn partition_meta(&self, p: i32) -> Result<Option<PartitionMeta>, PipelineError> {
+        let meta = self.store.partition_meta(self.options.name, p)?;
+        Ok(match (meta, self.options.legacy_name) {
+            (None, Some(legacy)) => self.store.partition_meta(legacy, p)?,
+            (meta, _) => meta,
+        })
+    }
+
+    fn assign(&mut self, p: i32) -> Result<(), PipelineError> {
+        if self.parts.contains_key(&p) {
+            return Ok(());
+        }
+        let meta = self.partition_meta(p)?;
+        for op in &mut self.operators {
+            op.assign(p, meta.as_ref())?;
+        }
+        tracing::info!(
+            task = self.options.name,
+            partition = p,
+            next_offset = ?meta.map(|m| m.next_offset),
+            "partition assigned, state restored"
+        );
+        self.marks
+            .assign(p, meta.and_then(|m| m.max_event_time), self.now);
+        self.parts.insert(
+            p,
+            PartitionState {
+                next_offset: meta.map(|m| m.next_offset),
+                paused: false,
+                reposition: meta.map(|m| Reposition::new(m.next_offset, self.now)),
+                counters: PartitionCounters::new(&self.topic, p),
+            },
+        );
+        Ok(())
+    }
+
+    fn handle(&mut self, message: &BorrowedMessage<'_>) -> Result<(), PipelineError> {
+        let p = message.partition();
+        let Some(part) = self.parts.get_mut(&p) else {
+            tracing::warn!(
+                partition = p,
+                "record from a partition this instance does not own"
+            );
+            return Ok(());
+        };
+        let offset = message.offset();
+        if let Some(reposition) = part.reposition.as_mut() {
+            match reposition.landed(offset, self.now) {
+                Landing::Continuous => part.reposition = None,
+                Landing::SeekBack(to) => {
+                    // Not handled: the seek serves this record again after the skipped ones.
+                    self.seeks.push((p, to));
+                    return Ok(());
+                }
+                Landing::Missing => {
+                    missing(p, reposition.target, offset);
+                    part.reposition = None;
+                }
+            }
+        }
+        if part.next_offset.is_some_and(|next| offset < next) {
+            return Ok(()); // already reflected in the checkpointed state
+        }
+        part.next_offset = Some(offset + 1);
+        part.counters.consumed();
+        self.processed += 1;
+        self.marks.touch(p, self.now);
+        let origin = Origin {
+            partition: p,
+            offset,
+            timestamp: message.timestamp().to_millis(),
+        };
+        let (key, value) = (message.key(), message.payload());
+        let checked = self.decoder.decode(key, value)?.and_then(|event| {
+            check(&event, origin.timestamp, self.options.max_future_skew_ms).map(|()| event)
+        });
+        let event = match checked {
+            Ok(event) => event,
+            Err(e) => {
+                part.counters.dead_lettered(e.reason());
+                return self.sink.send_dead_letter(key, value, origin, &e);
+            }
+        };
+        part.counters.decoded();
+        let record = Record {
+            event: &event,
+            origin,
+            key,
+            value,
+            watermark: self.marks.partition(p),
+        };
+        let ctx = Context {
+            sink: &self.sink,
+            now: self.now,
+        };
+        let mut late = false;
+        for op in &mut self.operators {
+            late |= op.on_record(&ctx, &record)? == Handled::Late;
+        }
+        if late {
+            part.counters.late();
+        }
+        self.marks.observe(p, event.event_time);
+        Ok(())
+    }
+
+    /// Seeks the partitions whose broker skipped past their position further back.
+    fn apply_seeks(&mut self, source: &Source) -> Result<(), PipelineError> {
+        for (p, offset) in self.seeks.drain(..) {
+            let Some(part) = self.parts.get_mut(&p) else {
+                continue;
+            };
+            tracing::debug!(
+                partition = p,
+                offset,
+                next = ?part.next_offset,
+                "the broker continued past this partition's position; seeking back"
+            );
+            part.counters.sought_back();
+            source.seek(p, offset)?;
+        }
+        Ok(())
+    }
+
+    /// Recomputes watermarks, hands operators the watermark and the clock, pauses or resumes
+    /// partitions for alignment.
+    fn tick(&mut self, source: &Source) -> Result<(), PipelineError> {
+        let now = Instant::now();
+        if now.saturating_duration_since(self.now) > STALL_GAP {
+            self.marks.stalled(now);
+            tracing::info!(
+                task = self.options.name,
+                stalled = ?now.saturating_duration_since(self.now),
+                "Marquee did not look at its partitions for a while; idle clocks start again"
+            );
+        }
+        self.now = now;
+        self.health
+            .add_processed(std::mem::take(&mut self.processed));
+        let ctx = Context {
+            sink: &self.sink,
+            now,
+        };
+        if let Some(watermark) = self.marks.operator(now) {
+            for op in &mut self.operators {
+                op.on_watermark(&ctx, watermark)?;
+            }
+        }
+        for op in &mut self.operators {
+            op.on_tick(&ctx)?;
+        }
+        let now_ms = super::wall_clock_ms();
+        let floor = self.marks.alignment_floor();
+        for (&p, part) in self.parts.iter_mut() {
+            let own = self.marks.partition(p);
+            if let Some(max_drift) = self.options.max_drift_ms {
+                // A partition far ahead of the slowest one only grows open-window state: let
+                // the others catch up first. Catching up never changes results, only memory. A
+                // paused partition resumes once the others are within half the drift, so that
+                // each pause (a fetch round trip on resume) lets the slow partitions catch up a
+                // good way.
+                let limit = if part.paused {
+                    max_drift / 2
+                } else {
+                    max_drift
+                };
+                let ahead =
+                    floor.is_some_and(|floor| own != i64::MIN && own.saturating_sub(floor) > limit);
+                if ahead != part.paused {
+                    source.set_paused(p, ahead)?;
+                    self.marks.set_paused(p, ahead, now);
+                    part.paused = ahead;
+                    if ahead {
+                        part.counters.paused_by_alignment();
+                    } else if let Some(next) = part.next_offset {
+                        // librdkafka resumes at the record after the last one handed out, but
+                        // not every broker serves a fetch from there: check where it lands.
+                        part.reposition
+                            .get_or_insert_with(|| Reposition::new(next, now));
+                    }
+                    tracing::debug!(partition = p, paused = ahead, "watermark alignment");
+                }
+            }
+            // Only a repositioned partition that delivers nothing needs the broker's end.
+            if let Some(r) = part.reposition.as_mut().filter(|_| !part.paused) {
+                let high = source.cached_high_watermark(p);
+                match r.silent(high, REPOSITION_PATIENCE, now) {
+                    Some(Landing::SeekBack(to)) => self.seeks.push((p, to)),
+                    Some(Landing::Missing) => {
+                        missing(p, r.target, high.unwrap_or(r.target));
+                        part.reposition = None;
+                    }
+                    _ => {}
+                }
+            }
+            let idle = self.marks.is_idle(p, now);
+            part.counters.publish(own, now_ms, part.paused, idle);
+        }
+        self.apply_seeks(source)
+    }
+
+    /// Sends what operators owe, flushes outputs, writes state with offsets, then commits
+    /// the offsets operators allow to Kafka. `all` on shutdown and revocation.
+    fn checkpoint(&mut self, source: &Source, all: bool) -> Result<(), PipelineError> {
+        let started = Instant::now();
+        let ctx = Context {
+            sink: &self.sink,
+            now: started,
+        };
+        for op in &mut self.operators {
+            op.before_flush(&ctx, all)?;
+        }
+        self.sink.flush()?;
+        let flushed = Instant::now();
+        let mut batch = WriteBatch::default();
+        for op in &mut self.operators {
+            op.stage(&mut batch)?;
+        }
+        let mut offsets = Vec::with_capacity(self.parts.len());
+        for (&p, part) in &self.parts {
+            if let Some(next_offset) = part.next_offset {
+                let meta = PartitionMeta {
+                    next_offset,
+                    max_event_time: self.marks.max_event_time(p),
+                };
+                self.store
+                    .stage_meta(&mut batch, self.options.name, p, meta);
+                offsets.push((p, next_offset));
+            }
+        }
+        self.store.commit(batch)?;
+        metrics::checkpoint(flushed - started, flushed.elapsed());
+        metrics::state_size(self.store.size_bytes());
+        let mut committable = Some(offsets);
+        for op in &mut self.operators {
+            committable = committable.and_then(|o| op.committable(o, started, all));
+        }
+        if let Some(offsets) = committable {
+            source.commit(offsets);
+        }
+        Ok(())
+    }
+}
+
+/// Offsets `from..to` of `partition` were asked for and are not on the broker.
+fn missing(partition: i32, from: i64, to: i64) {
+    tracing::warn!(
+        partition,
+        from,
+        to,
+        "these offsets are not on the broker even when read from offset 0 \
+         (deleted by retention or compaction?); continuing after them"
+    );
+}
