@@ -4,12 +4,12 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use marquee::config::Dimension;
-use marquee::decode::{Decoder, PLAYBACK_EVENT_SCHEMA};
-use marquee::gen::{GenOptions, Generator};
+use marquee::io::decode::{Decoder, PLAYBACK_EVENT_SCHEMA};
+use marquee::io::registry::MemoryRegistry;
+use marquee::io::sink::AvroEncoder;
 use marquee::record::PlaybackEvent;
-use marquee::registry::MemoryRegistry;
-use marquee::sink::AvroEncoder;
 use marquee::state::Store;
+use marquee::tools::gen::{GenOptions, Generator};
 use marquee::window::{PartitionWindows, WindowSpec};
 
 const N: usize = 10_000;

@@ -7,19 +7,19 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ResumeConfig, Topology};
-use crate::decode::Decoder;
 use crate::error::PipelineError;
-use crate::http::{self, Health};
+use crate::io::decode::Decoder;
+use crate::io::registry::{HttpRegistry, SchemaRegistry};
+use crate::io::sink::{
+    ensure_topics, producer_config, Output, Sink, TopicSpec, COMPACTED, QOS_WINDOW_SCHEMA,
+};
+use crate::io::source::{consumer_config, Source};
 use crate::operators::qos::{QosWindows, ResultHook};
 use crate::operators::repartition::Repartition;
 use crate::operators::table::ResumeTable;
-use crate::registry::{HttpRegistry, SchemaRegistry};
 use crate::resume::{self, TableView, RESUME_POSITION_SCHEMA};
 use crate::runtime::{Operator, Task, TaskOptions};
-use crate::sink::{
-    ensure_topics, producer_config, Output, Sink, TopicSpec, COMPACTED, QOS_WINDOW_SCHEMA,
-};
-use crate::source::{consumer_config, Source};
+use crate::serve::http::{self, Health};
 use crate::state::Store;
 
 /// Where an instance finds Kafka and the schema registry, and where it serves HTTP.

@@ -90,7 +90,7 @@ pub fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gen::{GenOptions, Generator};
+    use crate::tools::gen::{GenOptions, Generator};
 
     fn event() -> PlaybackEvent {
         Generator::new(GenOptions::default())

@@ -1,17 +1,17 @@
 //! Marquee: a real-time stream processor for video-streaming playback events.
 //!
 //! ```text
-//! Kafka ──► source ──► decode ──► watermark ──► windows ──► emit ──► sink ──► derived topics
-//!          (group)    (Avro +     (per          (per         (on      (results, late,
-//!                      registry)   partition)    partition)   close)   dead letters)
-//!                                                   │
-//!                                      state (RocksDB: windows + offsets + watermarks)
+//!                 ┌──────────────── runtime::Task (one per input topic) ────────────────┐
+//! Kafka ─► io::source ─► io::decode ─► check ─► watermark ─► operators ─► io::sink ─► topics
+//!          (group, exact   (Avro +     (bad-data  (per        │ qos windows     (results, late,
+//!           positions)      registry)   rules)     partition) │ repartition      dead letters,
+//!                                                             │ resume table     internal topics)
+//!                 └──── checkpoint: flush outputs → one RocksDB batch (every operator's
+//!                       state + offsets + watermarks) → commit offsets to Kafka ────────┘
 //!
-//! Kafka ──► repartition by profile ──► table (newest by event time) ──► resume-positions
-//!                                         │                              (compacted)
-//!                                   state (RocksDB: resume table) ◄── restore from the topic
-//!
-//!   /metrics · /healthz · /readyz · /profiles/… queries  ◄── HTTP at the side
+//! input ─► Task[qos windows, repartition] ─► <name>-resume-by-profile ─► Task[resume table]
+//!                                                                          │ restore from
+//!   serve::http: /metrics · /healthz · /readyz · /profiles/… queries ◄──── state (RocksDB)
 //! ```
 //!
 //! # Layout
@@ -19,61 +19,52 @@
 //! - [`config`]: topology files, defaults and validation.
 //! - [`error`]: typed errors per boundary and the bad-data policy.
 //! - [`record`]: the input event and the output records.
-//! - [`registry`]: Confluent schema registry client, in-memory and embedded registries.
-//! - [`source`]: the consumer group, rebalances, pause/resume, offset commits.
-//! - [`decode`]: Confluent framing and Avro decoding with schema resolution.
 //! - [`check`]: the bad-data rules (event-time range, clock skew, numeric ranges, lengths).
+//! - [`io`]: the Kafka and Avro edges — [`io::source`] (consumer group, rebalances, exact
+//!   positions, pause/resume, offset commits), [`io::decode`] (Confluent framing, Avro with
+//!   schema resolution), [`io::registry`] (registry client, in-memory and embedded registries),
+//!   [`io::sink`] (the producer, Avro encoding, late and dead-letter copies, refused outputs).
+//! - [`runtime`]: the task loop that runs any set of operators over one topic: assignment,
+//!   decode once, watermarks and alignment, the checkpoint protocol.
+//! - [`operators`]: what the runtime drives — [`operators::qos`] (QoS windows),
+//!   [`operators::repartition`] (by profile), [`operators::table`] (the resume table).
 //! - [`watermark`]: per-partition watermarks, idleness, the operator watermark.
 //! - [`window`]: tumbling windows and the QoS aggregates.
-//! - [`resume`]: repartition by profile, the table stage, restore, what HTTP reads.
-//! - [`table`]: the resume-position table (newest event by event time per profile and title).
+//! - [`table`]: the resume-position update rule (newest event by event time).
+//! - [`resume`]: the table's restore from its topic and what the HTTP side reads.
 //! - [`state`]: RocksDB stores, key codec, offsets in the same write batch.
-//! - [`pipeline`]: the per-record flow and the checkpoint order.
-//! - [`sink`]: the producer, Avro encoding, late and dead-letter copies.
 //! - [`metrics`]: every counter and gauge Marquee exports.
-//! - [`http`]: `/metrics`, `/healthz`, `/readyz`, the query API.
-//! - [`query`]: parsing and validation of query API requests.
-//! - [`gen`]: the synthetic playback-event generator.
-//! - [`app`]: builds and runs one instance of a topology.
-//! - [`demo`]: the whole job on an in-process Kafka and registry.
-//! - [`bench`]: the end-to-end throughput measurement.
+//! - [`serve`]: [`serve::http`] (`/metrics`, `/healthz`, `/readyz`, the query API) and
+//!   [`serve::query`] (parsing and validation of query requests).
+//! - [`app`]: builds the tasks of a topology and runs them.
+//! - [`tools`]: [`tools::gen`] (synthetic playback events), [`tools::demo`] (the whole job on
+//!   an in-process Kafka and registry), [`tools::bench`] (end-to-end throughput).
 //!
 //! Without the default `runtime` feature only the pure core is built (`check`, `config`,
-//! `decode`, `error`, `query`, `record`, `registry`'s trait and in-memory registry,
-//! `state::keys`): what the fuzz targets in `fuzz/` exercise.
+//! `error`, `record`, `io::decode`, `io::registry`'s trait and in-memory registry,
+//! `serve::query`, `state::keys`): what the fuzz targets in `fuzz/` exercise.
 
 #[cfg(feature = "runtime")]
 pub mod app;
-#[cfg(feature = "runtime")]
-pub mod bench;
 pub mod check;
 pub mod config;
-pub mod decode;
-#[cfg(feature = "runtime")]
-pub mod demo;
 pub mod error;
-#[cfg(feature = "runtime")]
-pub mod gen;
-#[cfg(feature = "runtime")]
-pub mod http;
+pub mod io;
 #[cfg(feature = "runtime")]
 pub mod metrics;
 #[cfg(feature = "runtime")]
 pub mod operators;
-pub mod query;
 pub mod record;
-pub mod registry;
 #[cfg(feature = "runtime")]
 pub mod resume;
 #[cfg(feature = "runtime")]
 pub mod runtime;
-#[cfg(feature = "runtime")]
-pub mod sink;
-#[cfg(feature = "runtime")]
-pub mod source;
+pub mod serve;
 pub mod state;
 #[cfg(feature = "runtime")]
 pub mod table;
+#[cfg(feature = "runtime")]
+pub mod tools;
 #[cfg(feature = "runtime")]
 pub mod watermark;
 #[cfg(feature = "runtime")]

@@ -11,9 +11,9 @@ use tokio_util::sync::CancellationToken;
 
 use marquee::app::{self, Endpoints};
 use marquee::config::Topology;
-use marquee::gen::{publish, GenOptions, Generator, Publisher};
-use marquee::http::Health;
-use marquee::registry::HttpRegistry;
+use marquee::io::registry::HttpRegistry;
+use marquee::serve::http::Health;
+use marquee::tools::gen::{publish, GenOptions, Generator, Publisher};
 
 /// Real-time QoS aggregates from video playback events.
 #[derive(Parser)]
@@ -227,14 +227,14 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Demo { rate, http } => {
             let shutdown = shutdown_on_signal()?;
-            marquee::demo::run(rate, Some(http), &shutdown)?;
+            marquee::tools::demo::run(rate, Some(http), &shutdown)?;
         }
         Command::BenchQueries {
             events,
             requests,
             concurrency,
         } => {
-            let report = marquee::bench::queries(events, requests, concurrency)
+            let report = marquee::tools::bench::queries(events, requests, concurrency)
                 .context("query benchmark failed")?;
             println!("{report}");
         }
@@ -245,13 +245,14 @@ fn main() -> anyhow::Result<()> {
             hot_share,
             max_partition_drift,
         } => {
-            let options = marquee::bench::BenchOptions {
+            let options = marquee::tools::bench::BenchOptions {
                 events,
                 partitions,
                 hot_share,
                 max_partition_drift,
             };
-            let report = marquee::bench::run(&brokers, &options).context("benchmark failed")?;
+            let report =
+                marquee::tools::bench::run(&brokers, &options).context("benchmark failed")?;
             println!("{report}");
         }
     }

@@ -28,13 +28,13 @@ use rdkafka::{Offset, TopicPartitionList};
 use rocksdb::WriteBatch;
 
 use crate::config::ResumeConfig;
-use crate::decode::split_frame;
 use crate::error::PipelineError;
-use crate::gen::partition_for;
+use crate::io::decode::split_frame;
+use crate::io::source::consumer_config;
 use crate::record::ResumePosition;
-use crate::source::consumer_config;
 use crate::state::{Store, StoredEntry};
 use crate::table::Entry;
+use crate::tools::gen::partition_for;
 
 /// The resume schema.
 pub const RESUME_POSITION_SCHEMA: &str = include_str!("../avro/resume_position.avsc");
@@ -49,7 +49,7 @@ pub struct TableView {
     /// Number of table partitions (of the repartition and output topics).
     pub partitions: i32,
     owned: RwLock<BTreeSet<i32>>,
-    /// Caps the queries answered at once (see `crate::http`).
+    /// Caps the queries answered at once (see `crate::serve::http`).
     pub queries: tokio::sync::Semaphore,
 }
 
@@ -60,7 +60,7 @@ impl TableView {
             store,
             partitions,
             owned: RwLock::new(BTreeSet::new()),
-            queries: tokio::sync::Semaphore::new(crate::http::MAX_CONCURRENT_QUERIES),
+            queries: tokio::sync::Semaphore::new(crate::serve::http::MAX_CONCURRENT_QUERIES),
         }
     }
 
@@ -99,7 +99,7 @@ pub fn restore(
     store: &Store,
     brokers: &str,
     resume: &ResumeConfig,
-    decoder_registry: &dyn crate::registry::SchemaRegistry,
+    decoder_registry: &dyn crate::io::registry::SchemaRegistry,
 ) -> Result<u64, PipelineError> {
     if store.table_restored()? {
         return Ok(0);
@@ -258,7 +258,7 @@ struct RestoreContext;
 
 impl rdkafka::ClientContext for RestoreContext {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        crate::source::log_consumer_error(error, reason);
+        crate::io::source::log_consumer_error(error, reason);
     }
 }
 
@@ -268,7 +268,7 @@ fn decode_position(
     value: &[u8],
     reader: &apache_avro::Schema,
     writers: &mut HashMap<u32, apache_avro::Schema>,
-    registry: &dyn crate::registry::SchemaRegistry,
+    registry: &dyn crate::io::registry::SchemaRegistry,
 ) -> Result<ResumePosition, PipelineError> {
     let corrupt = |m: String| {
         PipelineError::Other(format!(

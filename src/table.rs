@@ -60,7 +60,7 @@ pub fn key_of(event: &PlaybackEvent) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gen::{GenOptions, Generator};
+    use crate::tools::gen::{GenOptions, Generator};
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 

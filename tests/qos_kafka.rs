@@ -205,8 +205,8 @@ fn hostile_records_change_nothing_and_stop_nothing() {
     let good_events: Vec<PlaybackEvent> = good.iter().map(|(_, e)| e.clone()).collect();
     let positions = common::resume::expected_positions(&good_events);
     let feeder = Feeder::new(&brokers, &input);
-    let mut decoder = marquee::decode::Decoder::new(std::sync::Arc::new(
-        marquee::registry::HttpRegistry::new(&registry().url()).unwrap(),
+    let mut decoder = marquee::io::decode::Decoder::new(std::sync::Arc::new(
+        marquee::io::registry::HttpRegistry::new(&registry().url()).unwrap(),
     ));
     let mut rng = rand::rngs::SmallRng::seed_from_u64(43);
     let now = marquee::runtime::wall_clock_ms();
@@ -328,10 +328,10 @@ fn a_result_the_broker_refuses_is_dead_lettered_and_stops_nothing() {
     let topology = marquee::config::Topology::parse(&toml, std::path::Path::new("t.toml")).unwrap();
     // Results of a 62-byte CDN name (within the 64-byte limit on dimension values) take about
     // 270 bytes as a batch; every other result fits in 220.
-    let config = marquee::sink::producer_config(&brokers, &Default::default());
-    marquee::sink::ensure_topics(
+    let config = marquee::io::sink::producer_config(&brokers, &Default::default());
+    marquee::io::sink::ensure_topics(
         &config,
-        &[marquee::sink::TopicSpec {
+        &[marquee::io::sink::TopicSpec {
             name: &topology.sink.topic,
             partitions: Some(1),
             replication_factor: None,

@@ -17,7 +17,7 @@ use common::{
     Running,
 };
 use marquee::config::Topology;
-use marquee::decode::frame;
+use marquee::io::decode::frame;
 use marquee::record::PlaybackEvent;
 
 /// A poison record: the dead-letter reason it must get, its key and value.
@@ -315,8 +315,8 @@ fn gen_writes_decodable_events() {
         Duration::from_secs(30),
     );
     assert_eq!(records.len(), 500);
-    let mut decoder = marquee::decode::Decoder::new(Arc::new(
-        marquee::registry::HttpRegistry::new(&registry().url()).unwrap(),
+    let mut decoder = marquee::io::decode::Decoder::new(Arc::new(
+        marquee::io::registry::HttpRegistry::new(&registry().url()).unwrap(),
     ));
     let mut sessions = std::collections::BTreeSet::new();
     for r in &records {

@@ -14,9 +14,9 @@ use common::resume::expected_positions as expected;
 use common::{
     broker, free_port, http_get, read_topic, registry, unique, wait_for, wait_ready, KillOnDrop,
 };
-use marquee::gen::{GenOptions, Generator, Publisher};
+use marquee::io::registry::HttpRegistry;
 use marquee::record::{PlaybackEvent, ResumePosition};
-use marquee::registry::HttpRegistry;
+use marquee::tools::gen::{GenOptions, Generator, Publisher};
 
 fn topology_file(dir: &Path, input: &str, state: &Path) -> std::path::PathBuf {
     let text = format!(
@@ -290,13 +290,13 @@ fn resume_table_survives_disorder_sigkill_and_a_wiped_state_directory() {
     future.event_id = "zz-future".into();
     future.event_time += 100 * 86_400_000;
     publisher.send(&future).unwrap();
-    let expiring = marquee::gen::partition_for(&future.profile_id, 3);
+    let expiring = marquee::tools::gen::partition_for(&future.profile_id, 3);
     // A client clock 100 days ahead of its Kafka timestamp, in another table partition: the
     // skew guard dead-letters it, so it expires nothing and never becomes an entry.
     let mut rogue = finished.clone();
     rogue.profile_id = (0..)
         .map(|i| format!("rogue-{i}"))
-        .find(|p| marquee::gen::partition_for(p, 3) != expiring)
+        .find(|p| marquee::tools::gen::partition_for(p, 3) != expiring)
         .unwrap();
     rogue.event_id = "zz-rogue".into();
     rogue.event_time = marquee::runtime::wall_clock_ms() + 100 * 86_400_000;
@@ -317,7 +317,7 @@ fn resume_table_survives_disorder_sigkill_and_a_wiped_state_directory() {
     child.terminate(); // expiry runs at least at every clean shutdown
     let table = topic_table(&topic, 1);
     for (key, position) in &expected {
-        let in_expiring = marquee::gen::partition_for(&position.profile_id, 3) == expiring;
+        let in_expiring = marquee::tools::gen::partition_for(&position.profile_id, 3) == expiring;
         assert_eq!(
             table.contains_key(key),
             !in_expiring,

@@ -6,9 +6,9 @@ mod common;
 use std::sync::Arc;
 
 use common::http_get;
-use marquee::http::Health;
 use marquee::record::ResumePosition;
 use marquee::resume::TableView;
+use marquee::serve::http::Health;
 use marquee::state::{Store, StoredEntry};
 use marquee::table::Entry;
 
@@ -33,8 +33,8 @@ fn entry(profile: &str, title: &str, updated_at: i64, position_ms: i64) -> Store
 }
 
 /// Serves the table queries of `view` on a free port.
-fn serve(view: Arc<TableView>) -> (marquee::http::BackgroundServer, String) {
-    let server = marquee::http::start(
+fn serve(view: Arc<TableView>) -> (marquee::serve::http::BackgroundServer, String) {
+    let server = marquee::serve::http::start(
         "127.0.0.1:0".parse().unwrap(),
         marquee::metrics::install(),
         Arc::new(Health::default()),
@@ -121,7 +121,7 @@ fn queries_answer_for_owned_partitions_and_redirect_the_rest() {
 
     let unknown = (0..)
         .map(|i| format!("nobody{i}"))
-        .find(|p| marquee::gen::partition_for(p, 2) == 0)
+        .find(|p| marquee::tools::gen::partition_for(p, 2) == 0)
         .unwrap();
     let (status, body) = http_get(&addr, &format!("/profiles/{unknown}/continue-watching"));
     assert_eq!(

@@ -5,8 +5,8 @@
 use std::sync::{Arc, Mutex, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
-use marquee::decode::{Decoder, PLAYBACK_EVENT_SCHEMA};
-use marquee::registry::{MemoryRegistry, SchemaRegistry};
+use marquee::io::decode::{Decoder, PLAYBACK_EVENT_SCHEMA};
+use marquee::io::registry::{MemoryRegistry, SchemaRegistry};
 
 /// Registry ids: 1 the reader schema, 2 a later version with an optional field, 3 an
 /// unrelated record, 4 text that is not a schema at all.

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use marquee::query::{check_id, parse_row_query, MAX_LIMIT};
+use marquee::serve::query::{check_id, parse_row_query, MAX_LIMIT};
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

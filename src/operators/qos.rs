@@ -10,10 +10,10 @@ use rocksdb::WriteBatch;
 
 use crate::config::{Dimension, QosConfig};
 use crate::error::PipelineError;
+use crate::io::sink::Output;
 use crate::metrics;
 use crate::record::QosWindow;
 use crate::runtime::{Context, Handled, Operator, Record};
-use crate::sink::Output;
 use crate::state::PartitionMeta;
 use crate::state::Store;
 use crate::window::{slot, slot_name, PartitionWindows, WindowPartial, WindowSpec};

@@ -7,9 +7,9 @@
 use rocksdb::WriteBatch;
 
 use crate::error::PipelineError;
-use crate::gen::partition_for;
 use crate::runtime::{Context, Handled, Operator, Record};
 use crate::state::PartitionMeta;
+use crate::tools::gen::partition_for;
 
 /// The repartition operator.
 pub struct Repartition {

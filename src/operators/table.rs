@@ -15,9 +15,9 @@ use rocksdb::WriteBatch;
 
 use crate::config::ResumeConfig;
 use crate::error::PipelineError;
+use crate::io::sink::Output;
 use crate::resume::{TableView, EVENT_ID_HEADER};
 use crate::runtime::{Context, Handled, Operator, Record};
-use crate::sink::Output;
 use crate::state::{PartitionMeta, Store, StoredEntry};
 use crate::table::{apply, Applied};
 

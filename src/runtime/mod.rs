@@ -14,8 +14,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 pub use task::{Task, TaskOptions};
 
 use crate::error::PipelineError;
+use crate::io::sink::Sink;
 use crate::record::{Origin, PlaybackEvent};
-use crate::sink::Sink;
 use crate::state::PartitionMeta;
 
 /// One accepted input record as operators see it.

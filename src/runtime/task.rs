@@ -25,13 +25,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Context, Handled, Operator, Record};
 use crate::check::check;
-use crate::decode::Decoder;
 use crate::error::PipelineError;
-use crate::http::Health;
+use crate::io::decode::Decoder;
+use crate::io::sink::Sink;
+use crate::io::source::{Assignment, Landing, Reposition, Source};
 use crate::metrics::{self, PartitionCounters};
 use crate::record::Origin;
-use crate::sink::Sink;
-use crate::source::{Assignment, Landing, Reposition, Source};
+use crate::serve::http::Health;
 use crate::state::{PartitionMeta, Store};
 use crate::watermark::Watermarks;
 

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use marquee::registry::EmbeddedRegistry;
+use marquee::io::registry::EmbeddedRegistry;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
@@ -147,14 +147,14 @@ pub fn unique(prefix: &str) -> String {
 
 /// Creates `topic` with `partitions` partitions and waits until its metadata shows them.
 pub fn create_topic(brokers: &str, topic: &str, partitions: i32) {
-    let config = marquee::sink::producer_config(brokers, &Default::default());
-    let spec = marquee::sink::TopicSpec {
+    let config = marquee::io::sink::producer_config(brokers, &Default::default());
+    let spec = marquee::io::sink::TopicSpec {
         name: topic,
         partitions: Some(partitions),
         replication_factor: None,
         configs: &[],
     };
-    marquee::sink::ensure_topics(&config, &[spec]).expect("the test broker is reachable");
+    marquee::io::sink::ensure_topics(&config, &[spec]).expect("the test broker is reachable");
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
@@ -279,8 +279,8 @@ pub fn read_topic(
 
 /// Decodes a Confluent-framed `QosWindow` value with the schema in `avro/`.
 pub fn decode_qos(value: &[u8]) -> marquee::record::QosWindow {
-    let (_, mut payload) = marquee::decode::split_frame(value).expect("framed result");
-    let schema = apache_avro::Schema::parse_str(marquee::sink::QOS_WINDOW_SCHEMA).unwrap();
+    let (_, mut payload) = marquee::io::decode::split_frame(value).expect("framed result");
+    let schema = apache_avro::Schema::parse_str(marquee::io::sink::QOS_WINDOW_SCHEMA).unwrap();
     let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
         .build()
         .unwrap();
@@ -409,7 +409,7 @@ impl Running {
             http,
         };
         let (topology, stop) = (topology.clone(), shutdown.clone());
-        let health = std::sync::Arc::new(marquee::http::Health::default());
+        let health = std::sync::Arc::new(marquee::serve::http::Health::default());
         let thread = std::thread::spawn(move || {
             marquee::app::run(&topology, &endpoints, &stop, health, None)
         });

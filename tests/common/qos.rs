@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use marquee::config::Topology;
-use marquee::decode::{frame, Decoder, PLAYBACK_EVENT_SCHEMA};
-use marquee::gen::{partition_for, skewed_partition, GenOptions, Generator};
+use marquee::io::decode::{frame, Decoder, PLAYBACK_EVENT_SCHEMA};
+use marquee::io::registry::{HttpRegistry, SchemaRegistry};
+use marquee::io::sink::{producer_config, AvroEncoder, DeliveryTracker};
 use marquee::record::{PlaybackEvent, QosWindow};
-use marquee::registry::{HttpRegistry, SchemaRegistry};
-use marquee::sink::{producer_config, AvroEncoder, DeliveryTracker};
+use marquee::tools::gen::{partition_for, skewed_partition, GenOptions, Generator};
 use rdkafka::producer::{BaseRecord, ThreadedProducer};
 
 use super::reference::{self, Expected, Rules};
@@ -162,11 +162,11 @@ impl Feeder {
         if let Some(v) = value {
             record = record.payload(v);
         }
-        marquee::sink::send_with_backpressure(&self.producer, record).unwrap();
+        marquee::io::sink::send_with_backpressure(&self.producer, record).unwrap();
     }
 
     pub fn flush(&self) {
-        let refused = marquee::sink::flush_and_check(&self.producer).unwrap();
+        let refused = marquee::io::sink::flush_and_check(&self.producer).unwrap();
         assert!(refused.is_empty(), "refused: {refused:?}");
     }
 }

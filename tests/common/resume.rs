@@ -63,7 +63,7 @@ pub fn topic_table(
                 table.remove(&key);
             }
             Some(v) => {
-                let (_, mut payload) = marquee::decode::split_frame(&v).unwrap();
+                let (_, mut payload) = marquee::io::decode::split_frame(&v).unwrap();
                 let value = reader.read_value(&mut payload).unwrap();
                 table.insert(key, apache_avro::from_value(&value).unwrap());
             }

@@ -15,11 +15,11 @@ use apache_avro::schema_compatibility::SchemaCompatibility;
 use apache_avro::Schema;
 
 use crate::error::{DecodeError, RegistryError};
+use crate::io::registry::SchemaRegistry;
 use crate::record::PlaybackEvent;
-use crate::registry::SchemaRegistry;
 
 /// The reader schema of the input contract.
-pub const PLAYBACK_EVENT_SCHEMA: &str = include_str!("../avro/playback_event.avsc");
+pub const PLAYBACK_EVENT_SCHEMA: &str = include_str!("../../avro/playback_event.avsc");
 
 /// Splits a Confluent-framed value into its schema id and Avro payload.
 pub fn split_frame(value: &[u8]) -> Result<(u32, &[u8]), DecodeError> {
@@ -57,7 +57,7 @@ enum Plan {
     Resolve(GenericDatumReader<'static>),
 }
 
-/// Decodes playback events, caching one [`Plan`] per schema id.
+/// Decodes playback events, caching one `Plan` per schema id.
 pub struct Decoder {
     registry: Arc<dyn SchemaRegistry>,
     reader: &'static Schema,
@@ -216,11 +216,11 @@ fn leak(schema: Schema) -> &'static Schema {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::MemoryRegistry;
-    use crate::sink::AvroEncoder;
+    use crate::io::registry::MemoryRegistry;
+    use crate::io::sink::AvroEncoder;
 
     fn event() -> PlaybackEvent {
-        crate::gen::Generator::new(crate::gen::GenOptions::default())
+        crate::tools::gen::Generator::new(crate::tools::gen::GenOptions::default())
             .next()
             .unwrap()
             .event

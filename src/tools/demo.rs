@@ -13,13 +13,13 @@ use tokio_util::sync::CancellationToken;
 use crate::app::{self, Endpoints};
 use crate::config::Topology;
 use crate::error::PipelineError;
-use crate::gen::{publish, GenOptions, Generator, Publisher};
-use crate::http::Health;
-use crate::registry::{EmbeddedRegistry, HttpRegistry};
+use crate::io::registry::{EmbeddedRegistry, HttpRegistry};
 use crate::runtime::wall_clock_ms;
+use crate::serve::http::Health;
+use crate::tools::gen::{publish, GenOptions, Generator, Publisher};
 
 /// The demo topology: short windows so the first result shows within seconds.
-pub const DEMO_TOPOLOGY: &str = include_str!("../topologies/demo.toml");
+pub const DEMO_TOPOLOGY: &str = include_str!("../../topologies/demo.toml");
 
 /// Runs the demo until `shutdown`, generating `rate` events per second.
 pub fn run(
@@ -81,7 +81,7 @@ pub fn run(
         if w.dimension == "all" {
             println!(
                 "{} window {}s  viewers {:>5}  play {:>8}s  rebuffer ratio {}",
-                crate::demo::clock(w.window_start),
+                crate::tools::demo::clock(w.window_start),
                 (w.window_end - w.window_start) / 1000,
                 w.concurrent_viewers,
                 w.play_ms / 1000,

@@ -12,10 +12,10 @@ use tokio_util::sync::CancellationToken;
 use crate::app::{self, Endpoints};
 use crate::config::Topology;
 use crate::error::PipelineError;
-use crate::gen::{partition_for, skewed_partition, GenOptions, Generator, Publisher};
-use crate::http::Health;
-use crate::registry::{EmbeddedRegistry, HttpRegistry};
-use crate::sink::{ensure_topics, producer_config, TopicSpec};
+use crate::io::registry::{EmbeddedRegistry, HttpRegistry};
+use crate::io::sink::{ensure_topics, producer_config, TopicSpec};
+use crate::serve::http::Health;
+use crate::tools::gen::{partition_for, skewed_partition, GenOptions, Generator, Publisher};
 
 /// What to preload and how to run the pipeline over it.
 #[derive(Debug, Clone)]
@@ -91,7 +91,7 @@ pub fn run(brokers: &str, options: &BenchOptions) -> Result<BenchReport, Pipelin
     );
     let state = tempdir_path("marquee-bench");
     let mut topology = Topology::parse(
-        include_str!("../topologies/qos.toml"),
+        include_str!("../../topologies/qos.toml"),
         Path::new("topologies/qos.toml"),
     )?;
     topology.source.topic = topic.clone();
@@ -304,7 +304,7 @@ pub fn queries(
     };
     for e in &generated {
         let key = key_of(e);
-        let p = crate::gen::partition_for(&e.profile_id, partitions);
+        let p = crate::tools::gen::partition_for(&e.profile_id, partitions);
         let current = match dirty.get(&key) {
             Some((_, entry)) => Some(entry.clone()),
             None => store
@@ -329,7 +329,7 @@ pub fn queries(
     for p in 0..partitions {
         view.set_owned_for_bench(p);
     }
-    let server = crate::http::start(
+    let server = crate::serve::http::start(
         "127.0.0.1:0".parse().expect("literal address"),
         crate::metrics::install(),
         Arc::new(Health::default()),

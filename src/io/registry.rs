@@ -80,7 +80,7 @@ mod served {
 
     use super::{MemoryRegistry, SchemaRegistry};
     use crate::error::RegistryError;
-    use crate::http::BackgroundServer;
+    use crate::serve::http::BackgroundServer;
 
     /// A Confluent-API registry (Confluent, Redpanda, Karapace, Apicurio) over HTTP.
     pub struct HttpRegistry {

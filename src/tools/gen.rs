@@ -314,8 +314,8 @@ pub fn skewed_partition(key: &str, partitions: i32, hot_share: f64) -> i32 {
 }
 
 pub struct Publisher {
-    producer: rdkafka::producer::ThreadedProducer<crate::sink::DeliveryTracker>,
-    encoder: crate::sink::AvroEncoder,
+    producer: rdkafka::producer::ThreadedProducer<crate::io::sink::DeliveryTracker>,
+    encoder: crate::io::sink::AvroEncoder,
     topic: String,
     partitions: Option<i32>,
 }
@@ -325,17 +325,17 @@ impl Publisher {
     /// [`partition_for`] its id; otherwise librdkafka's partitioner decides.
     pub fn new(
         brokers: &str,
-        registry: &dyn crate::registry::SchemaRegistry,
+        registry: &dyn crate::io::registry::SchemaRegistry,
         topic: &str,
         partitions: Option<i32>,
     ) -> Result<Self, crate::error::PipelineError> {
-        let encoder = crate::sink::AvroEncoder::register(
+        let encoder = crate::io::sink::AvroEncoder::register(
             registry,
             &format!("{topic}-value"),
-            crate::decode::PLAYBACK_EVENT_SCHEMA,
+            crate::io::decode::PLAYBACK_EVENT_SCHEMA,
         )?;
-        let producer = crate::sink::producer_config(brokers, &Default::default())
-            .create_with_context(crate::sink::DeliveryTracker::default())
+        let producer = crate::io::sink::producer_config(brokers, &Default::default())
+            .create_with_context(crate::io::sink::DeliveryTracker::default())
             .map_err(crate::error::PipelineError::kafka(
                 "creating the generator's producer",
             ))?;
@@ -366,12 +366,12 @@ impl Publisher {
         if let Some(p) = partition {
             record = record.partition(p);
         }
-        crate::sink::send_with_backpressure(&self.producer, record)
+        crate::io::sink::send_with_backpressure(&self.producer, record)
     }
 
     /// Waits until everything sent is delivered; a refused event is an error here.
     pub fn flush(&self) -> Result<(), crate::error::PipelineError> {
-        match crate::sink::flush_and_check(&self.producer)?.first() {
+        match crate::io::sink::flush_and_check(&self.producer)?.first() {
             None => Ok(()),
             Some(refused) => Err(crate::error::PipelineError::Other(format!(
                 "the broker refused a generated event: {refused}"

@@ -16,9 +16,9 @@ use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 
-use crate::query::{check_id, parse_row_query, RowQuery};
 use crate::record::ResumePosition;
 use crate::resume::TableView;
+use crate::serve::query::{check_id, parse_row_query, RowQuery};
 
 /// Liveness and readiness of one instance, shared by the operators and the HTTP server.
 #[derive(Debug, Default)]

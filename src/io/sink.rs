@@ -24,13 +24,13 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::{ClientContext, Message};
 use serde::Serialize;
 
-use crate::decode::frame;
 use crate::error::{DecodeError, PipelineError, RegistryError};
+use crate::io::decode::frame;
+use crate::io::registry::SchemaRegistry;
 use crate::record::Origin;
-use crate::registry::SchemaRegistry;
 
 /// The schema of QoS window results.
-pub const QOS_WINDOW_SCHEMA: &str = include_str!("../avro/qos_window.avsc");
+pub const QOS_WINDOW_SCHEMA: &str = include_str!("../../avro/qos_window.avsc");
 
 /// Encodes values of one registered schema as Confluent-framed Avro.
 pub struct AvroEncoder {

@@ -1,0 +1,9 @@
+//! The Kafka and Avro edges: the consumer and its positions, Confluent framing and Avro
+//! decoding, schema registries, and the producer with its result, late and dead-letter copies.
+
+pub mod decode;
+pub mod registry;
+#[cfg(feature = "runtime")]
+pub mod sink;
+#[cfg(feature = "runtime")]
+pub mod source;
