@@ -118,23 +118,42 @@ pub struct GroupAgg {
     pub rebuffer_events: i64,
     /// Hashes of sessions with a PLAY or HEARTBEAT in the window.
     pub viewers: FxHashSet<u64>,
-    /// Changed since the last checkpoint.
-    pub dirty: bool,
+    /// What changed since the last checkpoint.
+    pub unsaved: GroupDelta,
+}
+
+/// What a group gained since the last checkpoint. A checkpoint writes this (a RocksDB merge
+/// operand), so its cost follows the change, not the size of the viewer set.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct GroupDelta {
+    pub play_ms: i64,
+    pub rebuffer_ms: i64,
+    pub rebuffer_events: i64,
+    /// Viewers new to the group.
+    pub viewers: Vec<u64>,
+    /// Any event was added.
+    pub changed: bool,
 }
 
 impl GroupAgg {
     /// Adds one event of session `session` (its [`session_hash`]).
     pub fn add(&mut self, event: &PlaybackEvent, session: u64) {
+        let delta = &mut self.unsaved;
         self.play_ms += event.play_ms;
         self.rebuffer_ms += event.rebuffer_ms;
+        delta.play_ms += event.play_ms;
+        delta.rebuffer_ms += event.rebuffer_ms;
         match event.event_type {
-            EventType::RebufferStart => self.rebuffer_events += 1,
-            EventType::Play | EventType::Heartbeat => {
-                self.viewers.insert(session);
+            EventType::RebufferStart => {
+                self.rebuffer_events += 1;
+                delta.rebuffer_events += 1;
+            }
+            EventType::Play | EventType::Heartbeat if self.viewers.insert(session) => {
+                delta.viewers.push(session);
             }
             _ => {}
         }
-        self.dirty = true;
+        delta.changed = true;
     }
 
     /// Merges the partial of another partition into this one.
