@@ -51,10 +51,7 @@ fn decode(c: &mut Criterion) {
 
 fn window_update(c: &mut Criterion) {
     let events = events();
-    let spec = WindowSpec {
-        size: 60_000,
-        grace: 30_000,
-    };
+    let spec = WindowSpec::tumbling(60_000, 30_000);
     let mut group = c.benchmark_group("window");
     group.throughput(Throughput::Elements(N as u64));
     group.bench_function("add_4_groups", |b| {
@@ -74,10 +71,7 @@ fn window_update(c: &mut Criterion) {
 
 fn flush(c: &mut Criterion) {
     let events = events();
-    let spec = WindowSpec {
-        size: 60_000,
-        grace: 30_000,
-    };
+    let spec = WindowSpec::tumbling(60_000, 30_000);
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), 64, 64).unwrap();
     let mut group = c.benchmark_group("state");

@@ -102,13 +102,17 @@ impl Dimension {
     }
 }
 
-/// `[qos]`: tumbling windows of QoS metrics.
+/// `[qos]`: tumbling or hopping windows of QoS metrics.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QosConfig {
-    /// Window size; windows are aligned to the epoch, `[k*window, (k+1)*window)`.
+    /// Window size; windows are aligned to the epoch, `[k*advance, k*advance + window)`.
     #[serde(default = "d1m", deserialize_with = "duration")]
     pub window: Duration,
+    /// A window starts every `advance` (hopping windows, e.g. 5m every 1m: smooth dashboard
+    /// lines); unset for tumbling windows. Must divide `window`.
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub advance: Option<Duration>,
     /// How long after its end (in watermark time) a window still accepts records.
     #[serde(default = "d30s", deserialize_with = "duration")]
     pub grace: Duration,
@@ -229,6 +233,21 @@ impl QosConfig {
             window == 0 || 86_400_000 % window == 0,
             format!("`qos.window` is {window}ms: expected a size that divides a day evenly (e.g. 10s, 1m, 5m, 1h)"),
         );
+        if let Some(advance) = self.advance.map(|a| a.as_millis()) {
+            check(
+                advance >= 1 && advance <= window && window % advance == 0,
+                format!(
+                    "`qos.advance` is {advance}ms: expected a step that divides `qos.window` ({window}ms) evenly, e.g. 1m for 5m windows"
+                ),
+            );
+            check(
+                advance == 0 || window / advance <= 60,
+                format!(
+                    "`qos.advance` is {advance}ms: each event would join {} windows; expected at most 60 (a larger advance or a smaller window)",
+                    window / advance.max(1)
+                ),
+            );
+        }
         for dim in &self.gauge_dimensions {
             check(
                 *dim != Dimension::TitleId,
@@ -409,6 +428,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 fn duration<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(de)?;
     parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+fn optional_duration<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Duration>, D::Error> {
+    duration(de).map(Some)
 }
 
 fn default_input_topic() -> String {

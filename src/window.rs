@@ -1,8 +1,11 @@
-//! Tumbling event-time windows: pure window math, the QoS aggregate of one window and group,
-//! and the open windows of one input partition.
+//! Tumbling and hopping event-time windows: pure window math, the QoS aggregate of one window
+//! and group, and the open windows of one input partition.
 //!
-//! A window `[start, end)` closes when the watermark reaches `end + grace`; a record whose
-//! window has closed by its own partition's watermark (or was already emitted) is late.
+//! Windows `[start, start + size)` start every `advance` (= `size` for tumbling windows), so an
+//! event belongs to `size / advance` windows. A window closes when the watermark reaches
+//! `end + grace`. A record is on time for all its windows or late for all: it is late when the
+//! earliest of them has closed by its own partition's watermark (or was already emitted), and
+//! then it changes nothing.
 
 use std::collections::BTreeMap;
 
@@ -12,32 +15,66 @@ use std::time::Duration;
 use crate::config::Dimension;
 use crate::record::{rebuffer_ratio, EventType, PlaybackEvent, QosWindow};
 
-/// Size and grace of tumbling windows, in milliseconds.
+/// Size, advance and grace of windows, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WindowSpec {
     pub size: i64,
+    /// A window starts every `advance`; equal to `size` for tumbling windows, and dividing it.
+    pub advance: i64,
     pub grace: i64,
 }
 
 impl WindowSpec {
-    /// Windows of `size`, accepting records until the watermark reaches `end + grace`.
-    pub fn new(size: Duration, grace: Duration) -> Self {
+    /// Windows of `size` starting every `advance`, accepting records until the watermark
+    /// reaches `end + grace`.
+    pub fn new(size: Duration, advance: Duration, grace: Duration) -> Self {
         Self {
             size: size.as_millis() as i64,
+            advance: advance.as_millis() as i64,
             grace: grace.as_millis() as i64,
         }
     }
 
-    /// Start of the window containing event time `t` (windows are aligned to the epoch).
+    /// Tumbling windows of `size` ms with `grace` ms.
+    pub fn tumbling(size: i64, grace: i64) -> Self {
+        Self {
+            size,
+            advance: size,
+            grace,
+        }
+    }
+
+    /// Start of the newest window containing event time `t` (windows are aligned to the
+    /// epoch).
     ///
     /// ```
     /// # use marquee::window::WindowSpec;
-    /// let w = WindowSpec { size: 60_000, grace: 0 };
+    /// let w = WindowSpec::tumbling(60_000, 0);
     /// assert_eq!(w.start(119_999), 60_000);
     /// assert_eq!(w.start(-1), -60_000);
     /// ```
     pub fn start(&self, t: i64) -> i64 {
-        t.div_euclid(self.size) * self.size
+        t.div_euclid(self.advance) * self.advance
+    }
+
+    /// Start of the oldest window containing `t`: the first to close, so lateness is judged
+    /// on it.
+    ///
+    /// ```
+    /// # use marquee::window::WindowSpec;
+    /// let w = WindowSpec { size: 300, advance: 100, grace: 0 };
+    /// assert_eq!(w.first_start(250), 0);
+    /// assert_eq!(w.first_start(300), 100);
+    /// assert_eq!(WindowSpec::tumbling(60, 0).first_start(59), 0);
+    /// ```
+    pub fn first_start(&self, t: i64) -> i64 {
+        self.start(t) - self.size + self.advance
+    }
+
+    /// Starts of every window containing `t`, oldest first.
+    pub fn starts(&self, t: i64) -> impl Iterator<Item = i64> {
+        let (first, advance) = (self.first_start(t), self.advance);
+        (0..self.size / advance).map(move |k| first + k * advance)
     }
 
     /// The watermark at which the window starting at `start` closes: `end + grace`.
@@ -49,7 +86,7 @@ impl WindowSpec {
     ///
     /// ```
     /// # use marquee::window::WindowSpec;
-    /// let w = WindowSpec { size: 10, grace: 5 };
+    /// let w = WindowSpec::tumbling(10, 5);
     /// assert!(!w.is_closed(0, 14));
     /// assert!(w.is_closed(0, 15));
     /// ```
@@ -232,15 +269,14 @@ pub struct PartitionWindows {
 }
 
 impl PartitionWindows {
-    /// Adds an on-time event to its window.
+    /// Adds an on-time event to each of its windows.
     pub fn add(&mut self, spec: &WindowSpec, dimensions: &[Dimension], event: &PlaybackEvent) {
         let session = session_hash(&event.session_id);
-        let window = self
-            .windows
-            .entry(spec.start(event.event_time))
-            .or_default();
-        for (slot, value) in groups(dimensions, event) {
-            window.group_mut(slot, value).add(event, session);
+        for start in spec.starts(event.event_time) {
+            let window = self.windows.entry(start).or_default();
+            for (slot, value) in groups(dimensions, event) {
+                window.group_mut(slot, value).add(event, session);
+            }
         }
     }
 
@@ -292,10 +328,7 @@ mod tests {
 
     #[test]
     fn metrics_follow_their_definitions() {
-        let spec = WindowSpec {
-            size: 60_000,
-            grace: 0,
-        };
+        let spec = WindowSpec::tumbling(60_000, 0);
         let dims = [Dimension::Cdn];
         let mut p = PartitionWindows::default();
         for e in [
@@ -333,7 +366,7 @@ mod tests {
         fn partials_merge_like_one_partition(
             events in prop::collection::vec((0u8..6, 0i64..200_000, 0u8..4, 0i64..5_000, 0i64..500, 0usize..3), 1..120)
         ) {
-            let spec = WindowSpec { size: 30_000, grace: 5_000 };
+            let spec = WindowSpec::tumbling(30_000, 5_000);
             let dims = [Dimension::Cdn, Dimension::Country];
             let kinds = [EventType::Play, EventType::Heartbeat, EventType::RebufferStart, EventType::End];
             let mut single = PartitionWindows::default();
@@ -355,9 +388,42 @@ mod tests {
             prop_assert_eq!(expected, actual);
         }
 
+        /// A hopping window equals the union of the tumbling windows of its advance that it
+        /// covers (sums add, viewer sets join), and every time is in exactly `size / advance`
+        /// windows.
+        #[test]
+        fn hopping_windows_are_unions_of_the_tumbling_ones_they_cover(
+            events in prop::collection::vec((0u8..6, 0i64..200_000, 0u8..4, 0i64..5_000, 0i64..500), 1..120),
+            steps in 1i64..6,
+        ) {
+            let advance = 10_000;
+            let hopping = WindowSpec { size: advance * steps, advance, grace: 0 };
+            let tumbling = WindowSpec::tumbling(advance, 0);
+            let dims = [Dimension::Cdn, Dimension::Country];
+            let kinds = [EventType::Play, EventType::Heartbeat, EventType::RebufferStart, EventType::End];
+            let (mut hop, mut tumble) = (PartitionWindows::default(), PartitionWindows::default());
+            for (s, t, k, play, rebuf) in events {
+                let e = event(&format!("s{s}"), t, kinds[k as usize], play, rebuf);
+                hop.add(&hopping, &dims, &e);
+                tumble.add(&tumbling, &dims, &e);
+                let starts: Vec<i64> = hopping.starts(t).collect();
+                prop_assert_eq!(starts.len() as i64, steps);
+                prop_assert!(starts.iter().all(|s| *s <= t && t < s + hopping.size));
+            }
+            for (start, window) in &hop.windows {
+                let mut union = WindowPartial::default();
+                for covered in (0..steps).map(|k| start + k * advance) {
+                    if let Some(w) = tumble.windows.get(&covered) {
+                        union.merge(w);
+                    }
+                }
+                prop_assert_eq!(window.results(&hopping, *start), union.results(&hopping, *start));
+            }
+        }
+
         #[test]
         fn every_time_falls_in_exactly_its_window(t in -10_000_000_000i64..10_000_000_000, size in 1i64..86_400_000) {
-            let spec = WindowSpec { size, grace: 0 };
+            let spec = WindowSpec::tumbling(size, 0);
             let start = spec.start(t);
             prop_assert!(start <= t && t < start + size);
             prop_assert_eq!(start.rem_euclid(size), 0);

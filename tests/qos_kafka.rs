@@ -387,3 +387,37 @@ fn a_result_the_broker_refuses_is_dead_lettered_and_stops_nothing() {
         assert_eq!(Some(&window), expected.results.get(&r.key_str()));
     }
 }
+
+/// Hopping windows (10 s every 5 s) over a generated stream with disorder and late records
+/// equal the reference: every on-time event counts in both of its windows, a late one in
+/// neither.
+#[test]
+fn hopping_windows_equal_the_reference() {
+    let brokers = kafka().addr.clone();
+    let input = unique("hopping");
+    common::create_topic(&brokers, &input, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let toml = topology_toml(&input, dir.path())
+        .replace("window = \"10s\"", "window = \"10s\"\nadvance = \"5s\"");
+    let topology = marquee::config::Topology::parse(&toml, std::path::Path::new("t.toml")).unwrap();
+    let events = dataset(53, 4_000);
+    let rules = common::reference::Rules {
+        advance: 5_000,
+        ..common::qos::RULES
+    };
+    let expected = common::qos::expected_with(rules, &events);
+    assert!(!expected.late.is_empty());
+    let feeder = Feeder::new(&brokers, &input);
+    send(&feeder, &events, 0);
+    let running = Running::start(&topology, &brokers, None);
+    let (results, late) = read_outputs(&brokers, &topology, &expected, Duration::from_secs(120));
+    running.stop();
+    assert_results_equal(&results_by_key(&results), &expected.results);
+    assert_eq!(late_event_ids(&late), expected.late);
+    let starts: std::collections::BTreeSet<i64> =
+        expected.results.values().map(|w| w.window_start).collect();
+    assert!(
+        starts.iter().any(|s| s % 10_000 == 5_000),
+        "windows start every 5 s"
+    );
+}

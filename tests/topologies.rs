@@ -152,3 +152,27 @@ fn topic_settings_must_be_positive() {
     let e = error_of(&MINIMAL.replace("[state]\n", "[sink]\npartitions = 0\n[state]\n"));
     assert!(e.contains("sink.partitions"), "{e}");
 }
+
+#[test]
+fn a_hopping_advance_must_divide_the_window() {
+    let hopping = |advance: &str| {
+        MINIMAL.replace(
+            "[qos]\n",
+            &format!("[qos]\nwindow = \"5m\"\nadvance = \"{advance}\"\n"),
+        )
+    };
+    let t = Topology::parse(&hopping("1m"), Path::new("t.toml")).unwrap();
+    assert_eq!(
+        t.qos.unwrap().advance,
+        Some(std::time::Duration::from_secs(60))
+    );
+    let e = error_of(&hopping("7s"));
+    assert!(
+        e.contains("`qos.advance` is 7000ms") && e.contains("divides"),
+        "{e}"
+    );
+    let e = error_of(&hopping("1s"));
+    assert!(e.contains("300 windows"), "{e}");
+    let e = error_of(&hopping("10m"));
+    assert!(e.contains("`qos.advance` is 600000ms"), "{e}");
+}

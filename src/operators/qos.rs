@@ -49,7 +49,7 @@ impl QosWindows {
         late_topic: &str,
     ) -> Result<Self, PipelineError> {
         Ok(Self {
-            spec: WindowSpec::new(qos.window, qos.grace),
+            spec: WindowSpec::new(qos.window, qos.advance.unwrap_or(qos.window), qos.grace),
             dimensions: qos.dimensions.clone(),
             gauge_slots: qos.gauge_dimensions.iter().map(|d| slot(*d)).collect(),
             closed_through: store.closed_through()?.unwrap_or(i64::MIN),
@@ -103,7 +103,7 @@ impl Operator for QosWindows {
         ctx: &Context<'_>,
         record: &Record<'_>,
     ) -> Result<Handled, PipelineError> {
-        let start = self.spec.start(record.event.event_time);
+        let start = self.spec.first_start(record.event.event_time);
         let watermark = record.watermark.max(self.closed_through);
         if self.spec.is_closed(start, watermark) {
             ctx.sink.send_late(

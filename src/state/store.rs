@@ -567,10 +567,7 @@ mod tests {
     #[test]
     fn a_checkpoint_writes_what_changed_not_the_whole_viewer_set() {
         let dir = tempfile::tempdir().unwrap();
-        let spec = WindowSpec {
-            size: 10_000,
-            grace: 0,
-        };
+        let spec = WindowSpec::tumbling(10_000, 0);
         let viewer = |i: u32| PlaybackEvent {
             session_id: format!("v{i}"),
             event_type: EventType::Play,
@@ -612,7 +609,7 @@ mod tests {
         fn restore_equals_the_in_memory_model(times in prop::collection::vec((0i64..100_000, any::<bool>(), any::<bool>()), 1..150)) {
             let dir = tempfile::tempdir().unwrap();
             let store = Store::open(dir.path(), 8, 8).unwrap();
-            let spec = WindowSpec { size: 10_000, grace: 0 };
+            let spec = WindowSpec::tumbling(10_000, 0);
             let dims = [Dimension::Country, Dimension::DeviceType];
             let mut model = PartitionWindows::default();
             let mut other = PartitionWindows::default();

@@ -19,6 +19,7 @@ use super::{decode_qos, free_port, http_get, metric_sum, registry, unique, Consu
 
 pub const RULES: Rules = Rules {
     window: 10_000,
+    advance: 10_000,
     grace: 5_000,
     out_of_orderness: 2_000,
 };
@@ -99,11 +100,16 @@ pub fn hot_dataset(seed: u64, count: usize) -> Vec<(i32, PlaybackEvent)> {
 }
 
 pub fn expected(events: &[(i32, PlaybackEvent)]) -> Expected {
+    expected_with(RULES, events)
+}
+
+/// [`expected`] under other `rules` (e.g. hopping windows).
+pub fn expected_with(rules: Rules, events: &[(i32, PlaybackEvent)]) -> Expected {
     let mut per_partition: BTreeMap<i32, Vec<PlaybackEvent>> = BTreeMap::new();
     for (p, e) in events {
         per_partition.entry(*p).or_default().push(e.clone());
     }
-    reference::compute(RULES, &per_partition)
+    reference::compute(rules, &per_partition)
 }
 
 /// Sends records in order, one producer, so each partition keeps the dataset's order.

@@ -1,7 +1,8 @@
 //! A deliberately naive reference of the QoS rules in DESIGN.md, written independently of the
 //! library's window code: per partition in arrival order, a record is late when its partition's
-//! watermark (largest earlier event time minus out-of-orderness) has reached its window's end
-//! plus grace; everything else counts in its window. Results hold for every window that closes
+//! watermark (largest earlier event time minus out-of-orderness) has reached its oldest
+//! window's end plus grace; everything else counts in every window that contains it (windows
+//! start every `advance`). Results hold for every window that closes
 //! once all partitions have gone idle (the operator watermark is then the largest one).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -12,6 +13,8 @@ use marquee::record::{EventType, PlaybackEvent, QosWindow};
 #[derive(Debug, Clone, Copy)]
 pub struct Rules {
     pub window: i64,
+    /// A window starts every `advance` ms (`window` for tumbling windows).
+    pub advance: i64,
     pub grace: i64,
     pub out_of_orderness: i64,
 }
@@ -33,12 +36,20 @@ pub fn compute(rules: Rules, per_partition: &BTreeMap<i32, Vec<PlaybackEvent>>) 
     for events in per_partition.values() {
         let mut max_seen: Option<i64> = None;
         for e in events {
-            let start = e.event_time.div_euclid(rules.window) * rules.window;
+            // Every multiple of `advance` in (t - window, t].
+            let newest = e.event_time.div_euclid(rules.advance) * rules.advance;
+            let starts: Vec<i64> = (0..)
+                .map(|k| newest - k * rules.advance)
+                .take_while(|s| *s > e.event_time - rules.window)
+                .collect();
+            let oldest = *starts.last().expect("a window contains every time");
             let watermark = max_seen.map_or(i64::MIN, |m| m - rules.out_of_orderness);
-            if watermark >= start + rules.window + rules.grace {
+            if watermark >= oldest + rules.window + rules.grace {
                 expected.late.insert(e.event_id.clone());
             } else {
-                windows.entry(start).or_default().push(e);
+                for start in starts {
+                    windows.entry(start).or_default().push(e);
+                }
             }
             max_seen = Some(max_seen.map_or(e.event_time, |m| m.max(e.event_time)));
         }
