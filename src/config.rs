@@ -119,10 +119,28 @@ pub struct QosConfig {
     /// Grouping dimensions besides `all`.
     #[serde(default = "default_dimensions")]
     pub dimensions: Vec<Dimension>,
-    /// Dimensions whose last closed window is exported as Prometheus gauges. Must be
+    /// Dimensions whose newest results are exported as Prometheus gauges. Must be
     /// low-cardinality: `title_id` is refused so it can never explode the series count.
     #[serde(default = "default_dimensions")]
     pub gauge_dimensions: Vec<Dimension>,
+    /// `final`: one result per window and group, at close. `early`: also an updated result
+    /// (`is_final = false`) every `early_interval` of wall clock while the window is open.
+    #[serde(default)]
+    pub emit: EmitPolicy,
+    /// How often early results are written for windows that changed.
+    #[serde(default = "d10s", deserialize_with = "duration")]
+    pub early_interval: Duration,
+}
+
+/// When window results are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmitPolicy {
+    /// Once, when the window closes.
+    #[default]
+    Final,
+    /// Updated while the window is open (not final), then once final.
+    Early,
 }
 
 /// `[resume]`: per (profile, title), the playhead of the newest event by event time.
@@ -233,6 +251,13 @@ impl QosConfig {
             window == 0 || 86_400_000 % window == 0,
             format!("`qos.window` is {window}ms: expected a size that divides a day evenly (e.g. 10s, 1m, 5m, 1h)"),
         );
+        if self.emit == EmitPolicy::Early {
+            let every = self.early_interval.as_millis();
+            check(
+                every >= 100,
+                format!("`qos.early_interval` is {every}ms: expected at least 100ms"),
+            );
+        }
         if let Some(advance) = self.advance.map(|a| a.as_millis()) {
             check(
                 advance >= 1 && advance <= window && window % advance == 0,
@@ -428,6 +453,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 fn duration<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(de)?;
     parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+fn d10s() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn optional_duration<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Duration>, D::Error> {

@@ -141,6 +141,11 @@ pub fn results_emitted(n: u64) {
     counter!("marquee_window_results_emitted_total").increment(n);
 }
 
+/// Early (not final) result records written.
+pub fn early_results_emitted(n: u64) {
+    counter!("marquee_window_early_results_emitted_total").increment(n);
+}
+
 /// One output the broker refused because of the record itself (it was dead-lettered).
 pub fn output_refused(topic: &str) {
     counter!("marquee_outputs_refused_total", "topic" => topic.to_string()).increment(1);

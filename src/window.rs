@@ -237,8 +237,9 @@ impl WindowPartial {
         self.len() == 0
     }
 
-    /// The final results of this window, ordered by dimension slot then value.
-    pub fn results(&self, spec: &WindowSpec, start: i64) -> Vec<QosWindow> {
+    /// The results of this window (final, or early while it is open), ordered by dimension
+    /// slot then value.
+    pub fn results(&self, spec: &WindowSpec, start: i64, is_final: bool) -> Vec<QosWindow> {
         let mut out = Vec::with_capacity(self.len());
         for (slot, map) in self.groups.iter().enumerate() {
             let mut values: Vec<_> = map.iter().collect();
@@ -254,7 +255,7 @@ impl WindowPartial {
                     rebuffer_ms: agg.rebuffer_ms,
                     rebuffer_events: agg.rebuffer_events,
                     rebuffer_ratio: rebuffer_ratio(agg.play_ms, agg.rebuffer_ms),
-                    is_final: true,
+                    is_final,
                 });
             }
         }
@@ -342,7 +343,7 @@ mod tests {
         }
         let closed = p.take_closed(&spec, 60_000);
         assert_eq!(closed.len(), 1);
-        let results = closed[0].1.results(&spec, 0);
+        let results = closed[0].1.results(&spec, 0, true);
         let all = &results[0];
         assert_eq!((all.dimension.as_str(), all.value.as_str()), ("all", "all"));
         assert_eq!(all.concurrent_viewers, 1, "only s1 had PLAY or HEARTBEAT");
@@ -383,8 +384,8 @@ mod tests {
                     merged.entry(start).or_default().merge(&partial);
                 }
             }
-            let expected: Vec<_> = single.take_closed(&spec, watermark).into_iter().flat_map(|(s, w)| w.results(&spec, s)).collect();
-            let actual: Vec<_> = merged.iter().flat_map(|(s, w)| w.results(&spec, *s)).collect();
+            let expected: Vec<_> = single.take_closed(&spec, watermark).into_iter().flat_map(|(s, w)| w.results(&spec, s, true)).collect();
+            let actual: Vec<_> = merged.iter().flat_map(|(s, w)| w.results(&spec, *s, true)).collect();
             prop_assert_eq!(expected, actual);
         }
 
@@ -417,7 +418,7 @@ mod tests {
                         union.merge(w);
                     }
                 }
-                prop_assert_eq!(window.results(&hopping, *start), union.results(&hopping, *start));
+                prop_assert_eq!(window.results(&hopping, *start, true), union.results(&hopping, *start, true));
             }
         }
 

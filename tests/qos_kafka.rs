@@ -421,3 +421,55 @@ fn hopping_windows_equal_the_reference() {
         "windows start every 5 s"
     );
 }
+
+/// The `early` emit policy: while windows are open, updated results marked not final appear
+/// every interval; the final results are exactly those of the `final` policy, and no early
+/// result of a window follows its final one.
+#[test]
+fn early_results_come_before_and_never_change_the_final_ones() {
+    let brokers = kafka().addr.clone();
+    let input = unique("early");
+    common::create_topic(&brokers, &input, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let toml = topology_toml(&input, dir.path()).replace(
+        "grace = \"5s\"",
+        "grace = \"5s\"\nemit = \"early\"\nearly_interval = \"200ms\"",
+    );
+    let topology = marquee::config::Topology::parse(&toml, std::path::Path::new("t.toml")).unwrap();
+    let events = dataset(59, 3_000);
+    let expected = expected(&events);
+    let feeder = Feeder::new(&brokers, &input);
+    let running = Running::start(&topology, &brokers, None);
+    // Fed live in slices, so windows stay open across several early intervals.
+    for (i, slice) in events.chunks(300).enumerate() {
+        send(&feeder, slice, i * 300);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (records, late) = read_outputs(&brokers, &topology, &expected, Duration::from_secs(120));
+    running.stop();
+    let decoded: Vec<(String, marquee::record::QosWindow)> = records
+        .iter()
+        .map(|r| (r.key_str(), common::decode_qos(r.value.as_deref().unwrap())))
+        .collect();
+    let finals: Vec<_> = records
+        .iter()
+        .zip(&decoded)
+        .filter(|(_, (_, w))| w.is_final)
+        .map(|(r, _)| r.clone())
+        .collect();
+    assert_results_equal(&results_by_key(&finals), &expected.results);
+    assert_eq!(late_event_ids(&late), expected.late);
+    let early = decoded.iter().filter(|(_, w)| !w.is_final).count();
+    assert!(early > 0, "early results were written");
+    let mut finished = std::collections::BTreeSet::new();
+    for (key, w) in &decoded {
+        if w.is_final {
+            finished.insert(key.clone());
+        } else {
+            assert!(
+                !finished.contains(key),
+                "an early result of {key} followed its final one"
+            );
+        }
+    }
+}

@@ -1,14 +1,17 @@
-//! QoS windows: per tumbling window and group, concurrent viewers, play and rebuffer time,
-//! rebuffer events and ratio; one final result per window and group once the operator
-//! watermark passes its end plus grace. A record whose window its partition's watermark (or
-//! an emitted window) has passed is late: it goes unchanged to the late topic.
+//! QoS windows: per window (tumbling or hopping) and group, concurrent viewers, play and
+//! rebuffer time, rebuffer events and ratio; one final result per window and group once the
+//! operator watermark passes its end plus grace, and with the `early` policy an updated,
+//! not-final result every `early_interval` of wall clock for each window that changed. A
+//! record whose window its partition's watermark (or an emitted window) has passed is late: it
+//! goes unchanged to the late topic.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rocksdb::WriteBatch;
 
-use crate::config::{Dimension, QosConfig};
+use crate::config::{Dimension, EmitPolicy, QosConfig};
 use crate::error::PipelineError;
 use crate::io::sink::Output;
 use crate::metrics;
@@ -36,8 +39,16 @@ pub struct QosWindows {
     /// Emitted windows whose state is deleted at the next checkpoint.
     emitted: Vec<(i32, i64)>,
     on_result: Option<ResultHook>,
-    /// Gauges of the newest closed window.
+    /// Gauges of the newest window with results.
     gauges: metrics::LastWindowGauges,
+    /// Start of the window the gauges show: an older window's results never replace them.
+    gauge_window: i64,
+    /// The `early` policy's interval; `None` for `final`.
+    early_interval: Option<Duration>,
+    /// When early results were last written.
+    last_early: Instant,
+    /// Open windows changed since early results were last written.
+    changed: BTreeSet<i64>,
 }
 
 impl QosWindows {
@@ -60,6 +71,10 @@ impl QosWindows {
             emitted: Vec::new(),
             on_result: None,
             gauges: metrics::LastWindowGauges::default(),
+            gauge_window: i64::MIN,
+            early_interval: (qos.emit == EmitPolicy::Early).then_some(qos.early_interval),
+            last_early: Instant::now(),
+            changed: BTreeSet::new(),
         })
     }
 
@@ -71,6 +86,37 @@ impl QosWindows {
 
     fn gauge_slot(&self, dimension: &str) -> bool {
         dimension == "all" || self.gauge_slots.iter().any(|&s| slot_name(s) == dimension)
+    }
+
+    /// Sends the results of each window in `windows` (merged over partitions), and points
+    /// the gauges at the newest one unless they already show a newer window.
+    fn emit(
+        &mut self,
+        ctx: &Context<'_>,
+        windows: &BTreeMap<i64, WindowPartial>,
+        is_final: bool,
+    ) -> Result<u64, PipelineError> {
+        let mut emitted = 0;
+        let newest = windows.keys().next_back().copied();
+        let mut gauges = Vec::new();
+        for (start, partial) in windows {
+            for result in partial.results(&self.spec, *start, is_final) {
+                ctx.sink
+                    .send_result(&self.results, &result.key(), &result, None, &[])?;
+                emitted += 1;
+                if let Some(hook) = self.on_result.as_mut().filter(|_| is_final) {
+                    hook(&result);
+                }
+                if Some(*start) == newest && self.gauge_slot(&result.dimension) {
+                    gauges.push(result);
+                }
+            }
+        }
+        if let Some(start) = newest.filter(|s| *s >= self.gauge_window) {
+            self.gauge_window = start;
+            self.gauges.publish(&gauges);
+        }
+        Ok(emitted)
     }
 }
 
@@ -118,6 +164,10 @@ impl Operator for QosWindows {
         }
         if let Some(windows) = self.parts.get_mut(&record.origin.partition) {
             windows.add(&self.spec, &self.dimensions, record.event);
+            if self.early_interval.is_some() {
+                self.changed
+                    .extend(self.spec.starts(record.event.event_time));
+            }
         }
         Ok(Handled::Applied)
     }
@@ -137,25 +187,35 @@ impl Operator for QosWindows {
         if closed.is_empty() {
             return Ok(());
         }
-        let mut emitted = 0;
-        let last = closed.keys().next_back().copied();
-        let mut newest = Vec::new();
-        for (start, partial) in &closed {
-            for result in partial.results(&self.spec, *start) {
-                ctx.sink
-                    .send_result(&self.results, &result.key(), &result, None, &[])?;
-                emitted += 1;
-                if let Some(hook) = self.on_result.as_mut() {
-                    hook(&result);
-                }
-                if Some(*start) == last && self.gauge_slot(&result.dimension) {
-                    newest.push(result);
+        for start in closed.keys() {
+            self.changed.remove(start);
+        }
+        let emitted = self.emit(ctx, &closed, true)?;
+        metrics::windows_closed(closed.len() as u64);
+        metrics::results_emitted(emitted);
+        Ok(())
+    }
+
+    /// With the `early` policy, writes not-final results of the open windows that changed.
+    fn on_tick(&mut self, ctx: &Context<'_>) -> Result<(), PipelineError> {
+        let Some(interval) = self.early_interval else {
+            return Ok(());
+        };
+        if ctx.now.saturating_duration_since(self.last_early) < interval {
+            return Ok(());
+        }
+        self.last_early = ctx.now;
+        let mut open: BTreeMap<i64, WindowPartial> = BTreeMap::new();
+        for windows in self.parts.values() {
+            for start in &self.changed {
+                if let Some(partial) = windows.windows.get(start) {
+                    open.entry(*start).or_default().merge(partial);
                 }
             }
         }
-        self.gauges.publish(&newest);
-        metrics::windows_closed(closed.len() as u64);
-        metrics::results_emitted(emitted);
+        self.changed.clear();
+        let emitted = self.emit(ctx, &open, false)?;
+        metrics::early_results_emitted(emitted);
         Ok(())
     }
 
