@@ -14,6 +14,7 @@ use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::schema_compatibility::SchemaCompatibility;
 use apache_avro::Schema;
 
+use super::event_codec::decode_event;
 use crate::error::{DecodeError, RegistryError};
 use crate::io::registry::SchemaRegistry;
 use crate::record::PlaybackEvent;
@@ -51,8 +52,9 @@ const MAX_REJECTED: usize = 1_024;
 
 /// How records of one writer schema are read.
 enum Plan {
-    /// Writer schema equals the reader schema: serde straight from the bytes.
-    Direct(GenericDatumReader<'static>),
+    /// Writer schema equals the reader schema: the specialised decoder
+    /// ([`crate::io::event_codec`]), straight from the bytes into the struct.
+    Direct,
     /// Another version: decode with the writer schema, resolve against the reader schema.
     Resolve(GenericDatumReader<'static>),
 }
@@ -133,9 +135,8 @@ impl Decoder {
             message: e.to_string(),
         };
         let event = match plan {
-            Plan::Direct(reader) => reader
-                .read_deser::<PlaybackEvent>(&mut payload)
-                .map_err(bad),
+            Plan::Direct => decode_event(&mut payload)
+                .map_err(|message| DecodeError::BadPayload { id, message }),
             Plan::Resolve(reader) => reader
                 .read_value(&mut payload)
                 .and_then(|v| apache_avro::from_value::<PlaybackEvent>(&v))
@@ -194,13 +195,10 @@ impl Decoder {
             return Ok(Err(incompatible(e.to_string())));
         }
         // Bounded by the number of schemas ever registered for the topic.
-        let writer = leak(writer);
         let plan = if writer.canonical_form() == self.reader_form {
-            GenericDatumReader::builder(writer)
-                .build()
-                .map(Plan::Direct)
+            Ok(Plan::Direct)
         } else {
-            GenericDatumReader::builder(writer)
+            GenericDatumReader::builder(leak(writer))
                 .reader_schema(self.reader)
                 .build()
                 .map(Plan::Resolve)

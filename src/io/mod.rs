@@ -2,6 +2,7 @@
 //! decoding, schema registries, and the producer with its result, late and dead-letter copies.
 
 pub mod decode;
+pub mod event_codec;
 pub mod registry;
 #[cfg(feature = "runtime")]
 pub mod sink;
