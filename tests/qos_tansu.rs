@@ -211,7 +211,9 @@ fn sigkill_and_restart_ends_with_the_same_records() {
             .replace("\"data/qos\"", &format!("{:?}", state.display().to_string()))
             .replace("checkpoint_interval = \"1s\"", "checkpoint_interval = \"100ms\"")
             .replace("out_of_orderness = \"5s\"", "out_of_orderness = \"2s\"")
-            .replace("idle_timeout = \"30s\"", "idle_timeout = \"4s\"")
+            // Longer than any pause between two chunks under load: a partition that went idle
+            // between chunks would (by design) let windows close before the next chunk.
+            .replace("idle_timeout = \"30s\"", "idle_timeout = \"10s\"")
             .replace("max_future_skew = \"30s\"", "max_future_skew = \"6s\"")
             .replace("window = \"1m\"", "window = \"10s\"")
             .replace("grace = \"30s\"", "grace = \"5s\"")
@@ -257,9 +259,10 @@ fn sigkill_and_restart_ends_with_the_same_records() {
     send(chunks[0]);
     for chunk in &chunks[1..] {
         let mut child = spawn();
-        // Let it get into the middle of its work, then kill it without warning.
-        wait_for_first_record(&brokers, &topology.sink.topic);
+        // The next chunk goes out while the instance starts, so no partition can catch up and
+        // sit idle before it; kill the instance without warning in the middle of its work.
         send(chunk);
+        wait_for_first_record(&brokers, &topology.sink.topic);
         std::thread::sleep(Duration::from_millis(300));
         child.kill();
     }
