@@ -693,7 +693,7 @@ mod tests {
             let store = Store::open(dir.path(), 8, 8).unwrap();
             let mut model = std::collections::BTreeMap::new();
             for ops in batches {
-                // One write per entry per batch, the newest winning, as the table stage does.
+                // One write per entry per batch, the newest winning, as the table operator does.
                 let ops: std::collections::BTreeMap<_, _> =
                     ops.into_iter().map(|(p, t, v)| ((format!("p/{p}"), format!("t\0{t}")), v)).collect();
                 let mut batch = WriteBatch::default();

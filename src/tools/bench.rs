@@ -288,7 +288,7 @@ pub fn queries(
         .map(|a| a.event)
         .collect();
     let cpu_before = cpu_seconds();
-    // As in the table stage: entries changed since the last checkpoint, written once each.
+    // As in the table operator: entries changed since the last checkpoint, written once each.
     let mut dirty: std::collections::HashMap<String, (i32, crate::table::Entry)> =
         std::collections::HashMap::new();
     let checkpoint = |dirty: &mut std::collections::HashMap<_, (i32, crate::table::Entry)>| {
