@@ -1,4 +1,5 @@
-//! The per-record hot path: Avro decoding, window updates, and a checkpoint of window state.
+//! The per-record hot path: Avro decoding, each operator's update path (tumbling and hopping
+//! windows, the resume table's rule), and a checkpoint of window state.
 
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use marquee::io::registry::MemoryRegistry;
 use marquee::io::sink::AvroEncoder;
 use marquee::record::PlaybackEvent;
 use marquee::state::Store;
+use marquee::table::{apply, Applied, Entry};
 use marquee::tools::gen::{GenOptions, Generator};
 use marquee::window::{PartitionWindows, WindowSpec};
 
@@ -54,14 +56,46 @@ fn window_update(c: &mut Criterion) {
     let spec = WindowSpec::tumbling(60_000, 30_000);
     let mut group = c.benchmark_group("window");
     group.throughput(Throughput::Elements(N as u64));
-    group.bench_function("add_4_groups", |b| {
+    let hopping = WindowSpec {
+        size: 300_000,
+        advance: 60_000,
+        grace: 30_000,
+    };
+    for (name, spec) in [
+        ("add_4_groups", spec),
+        ("add_4_groups_hopping_5m_every_1m", hopping),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                PartitionWindows::default,
+                |mut windows| {
+                    for e in &events {
+                        windows.add(&spec, &DIMS, e);
+                    }
+                    windows
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+fn table_update(c: &mut Criterion) {
+    let events = events();
+    let mut group = c.benchmark_group("table");
+    group.throughput(Throughput::Elements(N as u64));
+    group.bench_function("apply_newest_by_event_time", |b| {
         b.iter_batched(
-            PartitionWindows::default,
-            |mut windows| {
+            std::collections::HashMap::<String, Entry>::new,
+            |mut table| {
                 for e in &events {
-                    windows.add(&spec, &DIMS, e);
+                    let key = marquee::table::key_of(e);
+                    if let Applied::Updated(entry) = apply(table.get(&key), e, 0.95) {
+                        table.insert(key, entry);
+                    }
                 }
-                windows
+                table
             },
             BatchSize::SmallInput,
         )
@@ -96,5 +130,5 @@ fn flush(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decode, window_update, flush);
+criterion_group!(benches, decode, window_update, table_update, flush);
 criterion_main!(benches);
