@@ -107,8 +107,7 @@ fn run_operators(
         Some((r, view)) if r.input_keyed_by_profile => (Some((r, view)), None),
         other => (None, other),
     };
-    let input_has_operators =
-        topology.qos.is_some() || table_task.is_some() || table_on_input.is_some();
+    let input_has_operators = topology.qos.is_some() || topology.resume.is_some();
     // Ready only once every task is (each restores its state first).
     if input_has_operators {
         health.expect(INPUT_TASK);
@@ -122,8 +121,9 @@ fn run_operators(
         if input_has_operators {
             let (registry, store, stop) = (Arc::clone(&registry), Arc::clone(&store), stop.clone());
             let table = table_on_input.map(|(r, v)| (r.clone(), v));
-            let repartition = table_task.as_ref().map(|(r, _)| (*r).clone());
-            tasks.push(spawn_operator(scope, &stop.clone(), move || {
+            let repartition = table_task.as_ref().map(|(r, _)| r.partitions);
+            let repartition_topic = repartition_topic.as_deref();
+            tasks.push(spawn_task(scope, &stop.clone(), move || {
                 let mut operators: Vec<Box<dyn Operator>> = Vec::new();
                 if let Some(qos) = &topology.qos {
                     let results = Output::register(
@@ -139,9 +139,8 @@ fn run_operators(
                     )?;
                     operators.push(Box::new(windows.on_result(on_result)));
                 }
-                if let Some(resume) = &repartition {
-                    let topic = resume.repartition_topic(&topology.name);
-                    operators.push(Box::new(Repartition::new(&topic, resume.partitions)));
+                if let (Some(partitions), Some(topic)) = (repartition, repartition_topic) {
+                    operators.push(Box::new(Repartition::new(topic, partitions)));
                 }
                 if let Some((resume, view)) = table {
                     operators.push(table_operator(
@@ -158,7 +157,7 @@ fn run_operators(
         }
         if let Some((resume, view)) = table_task {
             let (registry, store, stop) = (Arc::clone(&registry), Arc::clone(&store), stop.clone());
-            tasks.push(spawn_operator(scope, &stop.clone(), move || {
+            tasks.push(spawn_task(scope, &stop.clone(), move || {
                 let table = table_operator(topology, resume, view, endpoints, registry.as_ref())?;
                 let source_topic = resume.repartition_topic(&topology.name);
                 let options = TaskOptions {
@@ -182,19 +181,16 @@ fn run_operators(
                 task.run(&stop)
             }));
         }
-        tasks
-            .into_iter()
-            .map(join_operator)
-            .fold(Ok(()), Result::and)
+        tasks.into_iter().map(join_task).fold(Ok(()), Result::and)
     })
 }
 
-/// Runs `operator` on its own scoped thread. However it ends, a panic included, it cancels
-/// `stop`, so the other operators end too and the process never keeps half a topology running.
-fn spawn_operator<'scope, F>(
+/// Runs `task` on its own scoped thread. However it ends, a panic included, it cancels `stop`,
+/// so the other tasks end too and the process never keeps half a topology running.
+fn spawn_task<'scope, F>(
     scope: &'scope std::thread::Scope<'scope, '_>,
     stop: &CancellationToken,
-    operator: F,
+    task: F,
 ) -> std::thread::ScopedJoinHandle<'scope, Result<(), PipelineError>>
 where
     F: FnOnce() -> Result<(), PipelineError> + Send + 'scope,
@@ -202,16 +198,19 @@ where
     let stop = stop.clone();
     scope.spawn(move || {
         let _stop_all = stop.drop_guard();
-        operator()
+        task()
     })
 }
 
-/// Waits for an operator thread; a panic becomes an error that fails the instance.
-fn join_operator(
+/// Waits for a task thread; a panic becomes an error that fails the instance.
+fn join_task(
     task: std::thread::ScopedJoinHandle<'_, Result<(), PipelineError>>,
 ) -> Result<(), PipelineError> {
-    task.join()
-        .unwrap_or_else(|_| Err(PipelineError::Other("an operator thread panicked".into())))
+    task.join().unwrap_or_else(|_| {
+        Err(PipelineError::Other(
+            "a task thread panicked (an operator bug)".into(),
+        ))
+    })
 }
 
 /// Every topic the topology writes, with its partitions and settings; `repartition_topic` is
@@ -369,7 +368,7 @@ mod tests {
         let stop = CancellationToken::new();
         let result = std::thread::scope(|scope| {
             let watcher = stop.clone();
-            let waiting = spawn_operator(scope, &stop, move || {
+            let waiting = spawn_task(scope, &stop, move || {
                 let deadline = Instant::now() + Duration::from_secs(10);
                 while !watcher.is_cancelled() {
                     if Instant::now() > deadline {
@@ -379,9 +378,9 @@ mod tests {
                 }
                 Ok(())
             });
-            let panicking = spawn_operator(scope, &stop, || panic!("an operator bug"));
-            let failed = join_operator(panicking);
-            (failed, join_operator(waiting))
+            let panicking = spawn_task(scope, &stop, || panic!("an operator bug"));
+            let failed = join_task(panicking);
+            (failed, join_task(waiting))
         });
         assert!(matches!(result.0, Err(PipelineError::Other(m)) if m.contains("panicked")));
         assert!(result.1.is_ok(), "the other operator was stopped");
