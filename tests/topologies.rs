@@ -176,3 +176,19 @@ fn a_hopping_advance_must_divide_the_window() {
     let e = error_of(&hopping("10m"));
     assert!(e.contains("`qos.advance` is 600000ms"), "{e}");
 }
+
+#[test]
+fn early_results_need_an_interval_of_at_least_100ms() {
+    let early = |interval: &str| {
+        MINIMAL.replace(
+            "[qos]\n",
+            &format!("[qos]\nemit = \"early\"\nearly_interval = \"{interval}\"\n"),
+        )
+    };
+    let t = Topology::parse(&early("2s"), Path::new("t.toml")).unwrap();
+    assert_eq!(t.qos.unwrap().emit, marquee::config::EmitPolicy::Early);
+    let e = error_of(&early("10ms"));
+    assert!(e.contains("`qos.early_interval` is 10ms"), "{e}");
+    let e = error_of(&MINIMAL.replace("[qos]\n", "[qos]\nemit = \"sometimes\"\n"));
+    assert!(e.contains("sometimes") && e.contains("early"), "{e}");
+}
