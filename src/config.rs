@@ -130,6 +130,15 @@ pub struct QosConfig {
     /// How often early results are written for windows that changed.
     #[serde(default = "d10s", deserialize_with = "duration")]
     pub early_interval: Duration,
+    /// The session lifecycle's QoE fields (attempts, start failures, exits before start,
+    /// startup percentiles, average bitrate); off leaves them null.
+    #[serde(default = "yes")]
+    pub qoe: bool,
+    /// A session with no event for this long (in event time) is over: its state is dropped
+    /// and a later event of the same `session_id` begins a new session. At least
+    /// `time.out_of_orderness + qos.window + qos.grace`.
+    #[serde(default = "d30m", deserialize_with = "duration")]
+    pub session_timeout: Duration,
 }
 
 /// When window results are written.
@@ -346,6 +355,23 @@ impl Topology {
         );
         if let Some(qos) = &self.qos {
             qos.validate(&mut check);
+            if qos.qoe {
+                let ms = |d: Duration| d.as_millis() as i64;
+                if let Err(expected) = crate::session::check_timeout(
+                    ms(qos.session_timeout),
+                    ms(self.time.out_of_orderness),
+                    ms(qos.window),
+                    ms(qos.grace),
+                ) {
+                    check(
+                        false,
+                        format!(
+                            "`qos.session_timeout` is {}: {expected}",
+                            humantime::format_duration(qos.session_timeout)
+                        ),
+                    );
+                }
+            }
             let absorbed = self.time.out_of_orderness + qos.grace;
             check(
                 self.time.max_future_skew < absorbed,
@@ -504,6 +530,12 @@ fn d5s() -> Duration {
 }
 fn d30s() -> Duration {
     Duration::from_secs(30)
+}
+fn yes() -> bool {
+    true
+}
+fn d30m() -> Duration {
+    Duration::from_secs(1800)
 }
 fn d1m() -> Duration {
     Duration::from_secs(60)

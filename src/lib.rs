@@ -31,6 +31,8 @@
 //! - [`watermark`]: per-partition watermarks, idleness, the operator watermark.
 //! - [`window`]: tumbling windows and the QoS aggregates.
 //! - [`table`]: the resume-position update rule (newest event by event time).
+//! - [`session`]: the session lifecycle rule behind the QoE fields (attempts, start failures,
+//!   exits before start, startup time, bitrate), decided in event-time order.
 //! - [`resume`]: the table's restore from its topic and what the HTTP side reads.
 //! - [`state`]: RocksDB stores, key codec, offsets in the same write batch.
 //! - [`metrics`]: every counter and gauge Marquee exports.
@@ -60,6 +62,7 @@ pub mod resume;
 #[cfg(feature = "runtime")]
 pub mod runtime;
 pub mod serve;
+pub mod session;
 pub mod state;
 #[cfg(feature = "runtime")]
 pub mod table;

@@ -131,6 +131,11 @@ pub fn windows_open(n: usize) {
     gauge!("marquee_windows_open").set(n as f64);
 }
 
+/// Sessions held by the session lifecycle (QoE), over owned partitions.
+pub fn sessions_open(n: usize) {
+    gauge!("marquee_sessions_open").set(n as f64);
+}
+
 /// Windows closed (all groups of one window start count once).
 pub fn windows_closed(n: u64) {
     counter!("marquee_windows_closed_total").increment(n);
@@ -259,6 +264,7 @@ mod tests {
             rebuffer_events: 0,
             rebuffer_ratio: Some(0.0),
             is_final: true,
+            ..QosWindow::default()
         }
     }
 

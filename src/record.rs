@@ -53,7 +53,7 @@ pub struct Origin {
 }
 
 /// One window result for one group, the output contract (`avro/qos_window.avsc`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct QosWindow {
     pub window_start: i64,
     pub window_end: i64,
@@ -65,6 +65,25 @@ pub struct QosWindow {
     pub rebuffer_events: i64,
     pub rebuffer_ratio: Option<f64>,
     pub is_final: bool,
+    /// Sessions whose START falls in the window (QoE; `None` when not computed).
+    #[serde(default)]
+    pub attempts: Option<i64>,
+    /// Sessions whose first ERROR comes before any PLAY, counted in the ERROR's window.
+    #[serde(default)]
+    pub video_start_failures: Option<i64>,
+    /// Sessions whose first END comes before any PLAY and ERROR, in the END's window.
+    #[serde(default)]
+    pub exits_before_video_start: Option<i64>,
+    /// Quantiles of the startup time of first PLAYs in the window (relative error ≤ 1%).
+    #[serde(default)]
+    pub startup_ms_p50: Option<f64>,
+    #[serde(default)]
+    pub startup_ms_p90: Option<f64>,
+    #[serde(default)]
+    pub startup_ms_p99: Option<f64>,
+    /// Σ(bitrate × play_ms) / Σ play_ms at each event's current rendition.
+    #[serde(default)]
+    pub avg_bitrate_kbps: Option<f64>,
 }
 
 impl QosWindow {

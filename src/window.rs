@@ -12,8 +12,11 @@ use std::collections::BTreeMap;
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::time::Duration;
 
+use sketches_ddsketch::{Config, DDSketch};
+
 use crate::config::Dimension;
 use crate::record::{rebuffer_ratio, EventType, PlaybackEvent, QosWindow};
+use crate::session::{Dims, Fact};
 
 /// Size, advance and grace of windows, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,13 +141,19 @@ pub fn groups<'e>(
     }))
 }
 
+/// The groups of a session fact's group values, like [`groups`].
+fn fact_groups<'e>(
+    dimensions: &'e [Dimension],
+    dims: &'e Dims,
+) -> impl Iterator<Item = (u8, &'e str)> + 'e {
+    std::iter::once((ALL, "all")).chain(dimensions.iter().map(|d| (slot(*d), dims.value(*d))))
+}
+
 /// A stable 64-bit hash of a session id (FNV-1a): stored in state, so it must not change
 /// between runs or Rust versions. Distinct-session counts are exact up to hash collisions,
 /// about one in 10^7 for ten million sessions in one window and group.
 pub fn session_hash(session_id: &str) -> u64 {
-    session_id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    crate::session::stable_hash(session_id)
 }
 
 /// The QoS aggregate of one window and group.
@@ -155,8 +164,132 @@ pub struct GroupAgg {
     pub rebuffer_events: i64,
     /// Hashes of sessions with a PLAY or HEARTBEAT in the window.
     pub viewers: FxHashSet<u64>,
+    /// The session lifecycle's contributions.
+    pub qoe: Qoe,
     /// What changed since the last checkpoint.
     pub unsaved: GroupDelta,
+}
+
+/// The QoE aggregate of one window and group: every part adds or merges, so a checkpoint
+/// writes what was added since the last one in this same shape.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Qoe {
+    pub attempts: i64,
+    pub start_failures: i64,
+    pub exits_before_start: i64,
+    /// Σ bitrate_kbps × play_ms over played time with a known rendition (exact: i128).
+    pub bitrate_kbps_ms: i128,
+    /// Σ play_ms of that played time.
+    pub bitrate_play_ms: i64,
+    /// Startup times of first PLAYs.
+    pub startup: Startup,
+    /// Anything was added.
+    pub changed: bool,
+}
+
+impl Qoe {
+    /// Adds one decided fact.
+    pub fn add(&mut self, fact: Fact) {
+        match fact {
+            Fact::Attempt => self.attempts += 1,
+            Fact::StartFailure => self.start_failures += 1,
+            Fact::ExitBeforeStart => self.exits_before_start += 1,
+            Fact::Startup(Some(ms)) => self.startup.add(ms as f64),
+            Fact::Startup(None) => {}
+            Fact::Played {
+                play_ms,
+                bitrate_kbps,
+            } => {
+                self.bitrate_kbps_ms += i128::from(bitrate_kbps) * i128::from(play_ms);
+                self.bitrate_play_ms += play_ms;
+            }
+        }
+        self.changed = true;
+    }
+
+    /// Merges another partial (another partition's, or a stored delta).
+    pub fn merge(&mut self, other: &Qoe) {
+        self.attempts += other.attempts;
+        self.start_failures += other.start_failures;
+        self.exits_before_start += other.exits_before_start;
+        self.bitrate_kbps_ms += other.bitrate_kbps_ms;
+        self.bitrate_play_ms += other.bitrate_play_ms;
+        self.startup.merge(&other.startup);
+        self.changed |= other.changed;
+    }
+
+    /// `Σ(bitrate × play_ms) / Σ play_ms`, or `None` when no played time had a rendition.
+    pub fn avg_bitrate_kbps(&self) -> Option<f64> {
+        (self.bitrate_play_ms > 0)
+            .then(|| self.bitrate_kbps_ms as f64 / self.bitrate_play_ms as f64)
+    }
+}
+
+/// A DDSketch of startup times (relative error 1%: `Config::defaults()`, whose 2,048 bins
+/// cover 1 ms to far beyond a day without collapsing, so merges are exact).
+#[derive(Clone, Default)]
+pub struct Startup(Option<Box<DDSketch>>);
+
+impl Startup {
+    /// The relative accuracy of every quantile.
+    pub const RELATIVE_ERROR: f64 = 0.01;
+
+    fn add(&mut self, ms: f64) {
+        self.0
+            .get_or_insert_with(|| Box::new(DDSketch::new(Config::defaults())))
+            .add(ms);
+    }
+
+    /// Merges `other` into this sketch.
+    pub fn merge(&mut self, other: &Startup) {
+        if let Some(o) = &other.0 {
+            match &mut self.0 {
+                None => self.0 = Some(o.clone()),
+                Some(s) => s
+                    .merge(o)
+                    .expect("every startup sketch has the default config"),
+            }
+        }
+    }
+
+    /// The `q` quantile: the value at rank ⌊q·(n−1)⌋, within 1%; `None` when empty.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        self.0.as_ref().and_then(|s| s.quantile(q).ok().flatten())
+    }
+
+    /// Number of startup times.
+    pub fn count(&self) -> usize {
+        self.0.as_ref().map_or(0, |s| s.count())
+    }
+
+    /// The stored form (DDSketch's Java-compatible encoding); empty when there is none.
+    pub fn encode(&self) -> Vec<u8> {
+        self.0.as_ref().map_or_else(Vec::new, |s| s.to_java_bytes())
+    }
+
+    /// Reads [`Startup::encode`]'s form; `None` when it is malformed.
+    pub fn decode(bytes: &[u8]) -> Option<Startup> {
+        if bytes.is_empty() {
+            return Some(Startup(None));
+        }
+        let decoded = DDSketch::from_java_bytes(bytes).ok()?;
+        // Re-based on the default config so that it merges with sketches made here.
+        let mut sketch = DDSketch::new(Config::defaults());
+        sketch.merge(&decoded).ok()?;
+        Some(Startup(Some(Box::new(sketch))))
+    }
+}
+
+impl std::fmt::Debug for Startup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Startup(n={})", self.count())
+    }
+}
+
+impl PartialEq for Startup {
+    fn eq(&self, other: &Self) -> bool {
+        self.encode() == other.encode()
+    }
 }
 
 /// What a group gained since the last checkpoint. A checkpoint writes this (a RocksDB merge
@@ -170,6 +303,8 @@ pub struct GroupDelta {
     pub viewers: Vec<u64>,
     /// Any event was added.
     pub changed: bool,
+    /// Session facts added (its own `changed` says whether there were any).
+    pub qoe: Qoe,
 }
 
 impl GroupAgg {
@@ -193,12 +328,19 @@ impl GroupAgg {
         delta.changed = true;
     }
 
+    /// Adds one decided session fact.
+    pub fn add_fact(&mut self, fact: Fact) {
+        self.qoe.add(fact);
+        self.unsaved.qoe.add(fact);
+    }
+
     /// Merges the partial of another partition into this one.
     pub fn merge(&mut self, other: &GroupAgg) {
         self.play_ms += other.play_ms;
         self.rebuffer_ms += other.rebuffer_ms;
         self.rebuffer_events += other.rebuffer_events;
         self.viewers.extend(&other.viewers);
+        self.qoe.merge(&other.qoe);
     }
 }
 
@@ -238,13 +380,21 @@ impl WindowPartial {
     }
 
     /// The results of this window (final, or early while it is open), ordered by dimension
-    /// slot then value.
-    pub fn results(&self, spec: &WindowSpec, start: i64, is_final: bool) -> Vec<QosWindow> {
+    /// slot then value; the QoE fields are set when `qoe` is on.
+    pub fn results(
+        &self,
+        spec: &WindowSpec,
+        start: i64,
+        is_final: bool,
+        qoe: bool,
+    ) -> Vec<QosWindow> {
         let mut out = Vec::with_capacity(self.len());
         for (slot, map) in self.groups.iter().enumerate() {
             let mut values: Vec<_> = map.iter().collect();
             values.sort_by(|a, b| a.0.cmp(b.0));
             for (value, agg) in values {
+                let q = &agg.qoe;
+                let count = |n: i64| qoe.then_some(n);
                 out.push(QosWindow {
                     window_start: start,
                     window_end: start + spec.size,
@@ -256,6 +406,13 @@ impl WindowPartial {
                     rebuffer_events: agg.rebuffer_events,
                     rebuffer_ratio: rebuffer_ratio(agg.play_ms, agg.rebuffer_ms),
                     is_final,
+                    attempts: count(q.attempts),
+                    video_start_failures: count(q.start_failures),
+                    exits_before_video_start: count(q.exits_before_start),
+                    startup_ms_p50: q.startup.quantile(0.5),
+                    startup_ms_p90: q.startup.quantile(0.9),
+                    startup_ms_p99: q.startup.quantile(0.99),
+                    avg_bitrate_kbps: q.avg_bitrate_kbps(),
                 });
             }
         }
@@ -277,6 +434,26 @@ impl PartitionWindows {
             let window = self.windows.entry(start).or_default();
             for (slot, value) in groups(dimensions, event) {
                 window.group_mut(slot, value).add(event, session);
+            }
+        }
+    }
+
+    /// Adds a decided session fact at event time `time` to each of its windows still open
+    /// at `closed_through` (all of them, since facts are decided before their windows close).
+    pub fn add_fact(
+        &mut self,
+        spec: &WindowSpec,
+        dimensions: &[Dimension],
+        closed_through: i64,
+        (time, dims, fact): (i64, &Dims, Fact),
+    ) {
+        for start in spec.starts(time) {
+            if spec.is_closed(start, closed_through) {
+                continue;
+            }
+            let window = self.windows.entry(start).or_default();
+            for (slot, value) in fact_groups(dimensions, dims) {
+                window.group_mut(slot, value).add_fact(fact);
             }
         }
     }
@@ -343,7 +520,7 @@ mod tests {
         }
         let closed = p.take_closed(&spec, 60_000);
         assert_eq!(closed.len(), 1);
-        let results = closed[0].1.results(&spec, 0, true);
+        let results = closed[0].1.results(&spec, 0, true, false);
         let all = &results[0];
         assert_eq!((all.dimension.as_str(), all.value.as_str()), ("all", "all"));
         assert_eq!(all.concurrent_viewers, 1, "only s1 had PLAY or HEARTBEAT");
@@ -384,8 +561,8 @@ mod tests {
                     merged.entry(start).or_default().merge(&partial);
                 }
             }
-            let expected: Vec<_> = single.take_closed(&spec, watermark).into_iter().flat_map(|(s, w)| w.results(&spec, s, true)).collect();
-            let actual: Vec<_> = merged.iter().flat_map(|(s, w)| w.results(&spec, *s, true)).collect();
+            let expected: Vec<_> = single.take_closed(&spec, watermark).into_iter().flat_map(|(s, w)| w.results(&spec, s, true, false)).collect();
+            let actual: Vec<_> = merged.iter().flat_map(|(s, w)| w.results(&spec, *s, true, false)).collect();
             prop_assert_eq!(expected, actual);
         }
 
@@ -418,7 +595,35 @@ mod tests {
                         union.merge(w);
                     }
                 }
-                prop_assert_eq!(window.results(&hopping, *start, true), union.results(&hopping, *start, true));
+                prop_assert_eq!(window.results(&hopping, *start, true, false), union.results(&hopping, *start, true, false));
+            }
+        }
+
+        /// Startup sketches of any split of the values merge to the sketch of all of them,
+        /// and every quantile is within 1% of the value at rank ⌊q·(n−1)⌋.
+        #[test]
+        fn startup_sketches_merge_exactly_and_stay_within_one_percent(
+            values in prop::collection::vec((1i64..600_000, 0usize..3), 1..300),
+        ) {
+            let mut whole = Qoe::default();
+            let mut parts = [Qoe::default(), Qoe::default(), Qoe::default()];
+            for (v, part) in &values {
+                whole.add(Fact::Startup(Some(*v)));
+                parts[*part].add(Fact::Startup(Some(*v)));
+            }
+            let mut merged = Qoe::default();
+            for p in &parts {
+                // Through the stored form, as partitions' deltas are.
+                merged.merge(&Qoe { startup: Startup::decode(&p.startup.encode()).unwrap(), ..p.clone() });
+            }
+            prop_assert_eq!(&merged.startup, &whole.startup);
+            let mut sorted: Vec<i64> = values.iter().map(|(v, _)| *v).collect();
+            sorted.sort();
+            for q in [0.5, 0.9, 0.99] {
+                let exact = sorted[(q * (sorted.len() - 1) as f64) as usize] as f64;
+                let estimate = merged.startup.quantile(q).unwrap();
+                prop_assert!((estimate - exact).abs() <= Startup::RELATIVE_ERROR * exact,
+                    "q={} estimate {} exact {}", q, estimate, exact);
             }
         }
 

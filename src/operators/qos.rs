@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rocksdb::WriteBatch;
+use rustc_hash::FxHashMap;
 
 use crate::config::{Dimension, EmitPolicy, QosConfig};
 use crate::error::PipelineError;
@@ -17,6 +18,7 @@ use crate::io::sink::Output;
 use crate::metrics;
 use crate::record::QosWindow;
 use crate::runtime::{Context, Handled, Operator, Record};
+use crate::session::Session;
 use crate::state::PartitionMeta;
 use crate::state::Store;
 use crate::window::{slot, slot_name, PartitionWindows, WindowPartial, WindowSpec};
@@ -49,6 +51,30 @@ pub struct QosWindows {
     last_early: Instant,
     /// Open windows changed since early results were last written.
     changed: BTreeSet<i64>,
+    /// The session lifecycle behind the QoE fields, when `qos.qoe` is on.
+    qoe: Option<Sessions>,
+}
+
+/// Every owned session, by partition, with the horizon their facts are decided through.
+struct Sessions {
+    timeout: i64,
+    /// Facts before this event time are decided.
+    horizon: i64,
+    /// Each session and whether it changed since the last checkpoint.
+    parts: BTreeMap<i32, FxHashMap<Box<str>, (Session, bool)>>,
+    /// Expired sessions to delete at the next checkpoint.
+    expired: Vec<(i32, Box<str>)>,
+}
+
+impl Sessions {
+    /// The event time before which every fact can be decided at operator watermark
+    /// `watermark`: the end of the newest slice of `advance` whose oldest window is closed.
+    fn horizon(spec: &WindowSpec, watermark: i64) -> i64 {
+        watermark
+            .saturating_sub(spec.grace)
+            .div_euclid(spec.advance)
+            .saturating_mul(spec.advance)
+    }
 }
 
 impl QosWindows {
@@ -75,6 +101,12 @@ impl QosWindows {
             early_interval: (qos.emit == EmitPolicy::Early).then_some(qos.early_interval),
             last_early: Instant::now(),
             changed: BTreeSet::new(),
+            qoe: qos.qoe.then(|| Sessions {
+                timeout: qos.session_timeout.as_millis() as i64,
+                horizon: i64::MIN,
+                parts: BTreeMap::new(),
+                expired: Vec::new(),
+            }),
         })
     }
 
@@ -100,7 +132,7 @@ impl QosWindows {
         let newest = windows.keys().next_back().copied();
         let mut gauges = Vec::new();
         for (start, partial) in windows {
-            for result in partial.results(&self.spec, *start, is_final) {
+            for result in partial.results(&self.spec, *start, is_final, self.qoe.is_some()) {
                 ctx.sink
                     .send_result(&self.results, &result.key(), &result, None, &[])?;
                 emitted += 1;
@@ -117,6 +149,50 @@ impl QosWindows {
             self.gauges.publish(&gauges);
         }
         Ok(emitted)
+    }
+}
+
+impl QosWindows {
+    /// Decides the session facts that the windows closing at `watermark` need, adds them to
+    /// their windows, and drops sessions idle past the timeout.
+    fn decide_sessions(&mut self, watermark: i64) {
+        let Some(qoe) = &mut self.qoe else {
+            return;
+        };
+        let horizon = Sessions::horizon(&self.spec, watermark);
+        if horizon <= qoe.horizon {
+            return;
+        }
+        qoe.horizon = horizon;
+        let (spec, dims, closed) = (&self.spec, &self.dimensions, self.closed_through);
+        let early = self.early_interval.is_some();
+        for (&p, sessions) in qoe.parts.iter_mut() {
+            let Some(windows) = self.parts.get_mut(&p) else {
+                continue;
+            };
+            let changed = &mut self.changed;
+            let timeout = qoe.timeout;
+            let expired = &mut qoe.expired;
+            sessions.retain(|id, (session, dirty)| {
+                if !session.settled() {
+                    *dirty = true;
+                    session.decide(horizon, &mut |t, d, f| {
+                        if early {
+                            changed.extend(spec.starts(t));
+                        }
+                        windows.add_fact(spec, dims, closed, (t, d, f))
+                    });
+                }
+                let keep =
+                    !session.settled() || session.last_time.saturating_add(timeout) >= horizon;
+                if !keep {
+                    expired.push((p, id.clone()));
+                }
+                keep
+            });
+        }
+        let open: usize = qoe.parts.values().map(FxHashMap::len).sum();
+        metrics::sessions_open(open);
     }
 }
 
@@ -137,11 +213,23 @@ impl Operator for QosWindows {
             "QoS windows restored"
         );
         self.parts.insert(partition, windows);
+        if let Some(qoe) = &mut self.qoe {
+            let sessions = self.store.load_sessions(partition)?;
+            qoe.horizon = Sessions::horizon(&self.spec, self.closed_through);
+            let map = sessions
+                .into_iter()
+                .map(|(id, s)| (id.into_boxed_str(), (s, false)))
+                .collect();
+            qoe.parts.insert(partition, map);
+        }
         Ok(())
     }
 
     fn revoke(&mut self, partition: i32) {
         self.parts.remove(&partition);
+        if let Some(qoe) = &mut self.qoe {
+            qoe.parts.remove(&partition);
+        }
     }
 
     fn on_record(
@@ -162,11 +250,30 @@ impl Operator for QosWindows {
             )?;
             return Ok(Handled::Late);
         }
-        if let Some(windows) = self.parts.get_mut(&record.origin.partition) {
-            windows.add(&self.spec, &self.dimensions, record.event);
+        let partition = record.origin.partition;
+        if let Some(windows) = self.parts.get_mut(&partition) {
+            let event = record.event;
+            windows.add(&self.spec, &self.dimensions, event);
             if self.early_interval.is_some() {
-                self.changed
-                    .extend(self.spec.starts(record.event.event_time));
+                self.changed.extend(self.spec.starts(event.event_time));
+            }
+            let sessions = self.qoe.as_mut().and_then(|q| {
+                let timeout = q.timeout;
+                q.parts.get_mut(&partition).map(|p| (p, timeout))
+            });
+            if let Some((sessions, timeout)) = sessions {
+                let (spec, dims, closed) = (&self.spec, &self.dimensions, self.closed_through);
+                let entry = match sessions.get_mut(event.session_id.as_str()) {
+                    Some(entry) => entry,
+                    None => sessions
+                        .entry(event.session_id.as_str().into())
+                        .or_insert_with(|| (Session::default(), true)),
+                };
+                entry.1 = true;
+                // A gap longer than the timeout decides the previous session's facts here.
+                entry.0.observe(event, timeout, &mut |t, d, f| {
+                    windows.add_fact(spec, dims, closed, (t, d, f))
+                });
             }
         }
         Ok(Handled::Applied)
@@ -174,6 +281,7 @@ impl Operator for QosWindows {
 
     /// Merges and emits every window closed at operator watermark `watermark`.
     fn on_watermark(&mut self, ctx: &Context<'_>, watermark: i64) -> Result<(), PipelineError> {
+        self.decide_sessions(watermark);
         let mut closed: BTreeMap<i64, WindowPartial> = BTreeMap::new();
         for (&p, windows) in self.parts.iter_mut() {
             for (start, partial) in windows.take_closed(&self.spec, watermark) {
@@ -225,6 +333,19 @@ impl Operator for QosWindows {
         }
         for (&p, windows) in self.parts.iter_mut() {
             self.store.stage_windows(batch, p, windows);
+        }
+        if let Some(qoe) = &mut self.qoe {
+            let mut buf = Vec::new();
+            for (p, id) in qoe.expired.drain(..) {
+                self.store.stage_session(batch, p, &id, None, &mut buf);
+            }
+            for (&p, sessions) in qoe.parts.iter_mut() {
+                for (id, (session, dirty)) in sessions.iter_mut().filter(|(_, (_, d))| *d) {
+                    self.store
+                        .stage_session(batch, p, id, Some(session), &mut buf);
+                    *dirty = false;
+                }
+            }
         }
         if self.closed_through != i64::MIN {
             self.store.stage_closed_through(batch, self.closed_through);

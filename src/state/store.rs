@@ -10,8 +10,9 @@ use rocksdb::{
 };
 
 use crate::error::StateError;
+use crate::session::Session;
 use crate::table::Entry;
-use crate::window::{GroupAgg, GroupDelta, PartitionWindows};
+use crate::window::{GroupAgg, GroupDelta, PartitionWindows, Qoe, Startup};
 
 /// Column family of the QoS window store.
 pub const CF_WINDOWS: &str = "qos_windows";
@@ -20,11 +21,22 @@ pub const CF_RESUME: &str = "resume_table";
 /// Column family of the continue-watching index: the table's unfinished entries by profile,
 /// newest first (see [`keys::recent_key`]); values are empty.
 pub const CF_RESUME_RECENT: &str = "resume_recent";
+/// Column family of the windows' QoE aggregates, keyed like [`CF_WINDOWS`].
+pub const CF_QOE: &str = "qos_qoe";
+/// Column family of the session lifecycle: partition, then `session_id`.
+pub const CF_SESSIONS: &str = "qos_sessions";
 /// Reserved column family of offsets, watermarks and the emitted-window frontier.
 pub const CF_META: &str = "__marquee_meta";
 
 /// Every column family, opened together.
-const COLUMN_FAMILIES: [&str; 4] = [CF_WINDOWS, CF_RESUME, CF_RESUME_RECENT, CF_META];
+const COLUMN_FAMILIES: [&str; 6] = [
+    CF_WINDOWS,
+    CF_QOE,
+    CF_SESSIONS,
+    CF_RESUME,
+    CF_RESUME_RECENT,
+    CF_META,
+];
 
 const META_CLOSED_THROUGH: &[u8] = b"closed_through";
 /// The table is complete here, with profile-length-prefixed keys and the recency index.
@@ -82,6 +94,9 @@ impl Store {
             let mut options = cf_opts.clone();
             if name == CF_WINDOWS {
                 options.set_merge_operator_associative("marquee_window_group_v1", merge_groups);
+            }
+            if name == CF_QOE {
+                options.set_merge_operator_associative("marquee_qoe_group_v1", merge_qoe);
             }
             ColumnFamilyDescriptor::new(name, options)
         });
@@ -153,7 +168,70 @@ impl Store {
                 .ok_or_else(|| corrupt("expected 24 bytes of counters and 8 bytes per viewer"))?;
             *group_of(&mut windows, group.start, group.slot, &group.value) = agg;
         }
+        for item in self.db.iterator_cf(
+            self.cf(CF_QOE),
+            IteratorMode::From(&prefix, Direction::Forward),
+        ) {
+            let (key, value) = item?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let corrupt = |message: &str| StateError::Corrupt {
+                key: format!("{CF_QOE}/{key:?}"),
+                message: message.to_string(),
+            };
+            let group = keys::decode(&key).ok_or_else(|| corrupt("undecodable key"))?;
+            let qoe = decode_qoe(&value).ok_or_else(|| {
+                corrupt("expected 48 bytes of counters and a DDSketch in its Java encoding")
+            })?;
+            group_of(&mut windows, group.start, group.slot, &group.value).qoe = qoe;
+        }
         Ok(windows)
+    }
+
+    /// The sessions of `partition`.
+    pub fn load_sessions(&self, partition: i32) -> Result<Vec<(String, Session)>, StateError> {
+        let prefix = keys::partition_prefix(partition);
+        let mut sessions = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf(CF_SESSIONS),
+            IteratorMode::From(&prefix, Direction::Forward),
+        ) {
+            let (key, value) = item?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let corrupt = |message: &str| StateError::Corrupt {
+                key: format!("{CF_SESSIONS}/{}", String::from_utf8_lossy(&key)),
+                message: message.to_string(),
+            };
+            let id = std::str::from_utf8(&key[prefix.len()..])
+                .map_err(|_| corrupt("the session id is not UTF-8"))?;
+            let session = Session::decode(&value)
+                .ok_or_else(|| corrupt("undecodable session state (version 1 expected)"))?;
+            sessions.push((id.to_string(), session));
+        }
+        Ok(sessions)
+    }
+
+    /// Stages `session` of `partition` (`None` deletes it).
+    pub fn stage_session(
+        &self,
+        batch: &mut WriteBatch,
+        partition: i32,
+        id: &str,
+        session: Option<&Session>,
+        buf: &mut Vec<u8>,
+    ) {
+        let mut key = keys::partition_prefix(partition).to_vec();
+        key.extend_from_slice(id.as_bytes());
+        match session {
+            Some(s) => {
+                s.encode(buf);
+                batch.put_cf(self.cf(CF_SESSIONS), key, &buf);
+            }
+            None => batch.delete_cf(self.cf(CF_SESSIONS), key),
+        }
     }
 
     /// Stages what changed in `windows` since the last checkpoint, and clears the change marks.
@@ -163,18 +241,23 @@ impl Store {
         partition: i32,
         windows: &mut PartitionWindows,
     ) {
-        let cf = self.cf(CF_WINDOWS);
+        let (cf, qoe) = (self.cf(CF_WINDOWS), self.cf(CF_QOE));
         let mut value = Vec::new();
         for (&start, window) in windows.windows.iter_mut() {
             for (slot, groups) in window.groups.iter_mut().enumerate() {
-                for (group, agg) in groups.iter_mut().filter(|(_, a)| a.unsaved.changed) {
+                let changed = groups
+                    .iter_mut()
+                    .filter(|(_, a)| a.unsaved.changed || a.unsaved.qoe.changed);
+                for (group, agg) in changed {
                     let delta = std::mem::take(&mut agg.unsaved);
-                    encode_delta(&delta, &mut value);
-                    batch.merge_cf(
-                        cf,
-                        keys::group_key(partition, start, slot as u8, group),
-                        &value,
-                    );
+                    let key = keys::group_key(partition, start, slot as u8, group);
+                    if delta.qoe.changed {
+                        batch.merge_cf(qoe, &key, encode_qoe(&delta.qoe));
+                    }
+                    if delta.changed {
+                        encode_delta(&delta, &mut value);
+                        batch.merge_cf(cf, key, &value);
+                    }
                 }
             }
         }
@@ -184,7 +267,8 @@ impl Store {
     pub fn stage_window_delete(&self, batch: &mut WriteBatch, partition: i32, start: i64) {
         let from = keys::window_prefix(partition, start);
         let to = keys::window_prefix(partition, start + 1);
-        batch.delete_range_cf(self.cf(CF_WINDOWS), from, to);
+        batch.delete_range_cf(self.cf(CF_WINDOWS), &from, &to);
+        batch.delete_range_cf(self.cf(CF_QOE), from, to);
     }
 
     /// Stages the offset and watermark of `partition`.
@@ -470,6 +554,46 @@ fn merge_groups(
     Some(out)
 }
 
+/// A group's QoE value: attempts, start failures, exits before start, Σ bitrate × play_ms
+/// (i128), Σ play_ms with a rendition, then the startup DDSketch in its Java encoding. Merge
+/// operands have the same shape: [`merge_qoe`] adds the counters and merges the sketches.
+fn encode_qoe(qoe: &Qoe) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    for counter in [qoe.attempts, qoe.start_failures, qoe.exits_before_start] {
+        out.extend_from_slice(&counter.to_le_bytes());
+    }
+    out.extend_from_slice(&qoe.bitrate_kbps_ms.to_le_bytes());
+    out.extend_from_slice(&qoe.bitrate_play_ms.to_le_bytes());
+    out.extend_from_slice(&qoe.startup.encode());
+    out
+}
+
+fn decode_qoe(bytes: &[u8]) -> Option<Qoe> {
+    let word = |i: usize| Some(i64::from_le_bytes(bytes.get(i..i + 8)?.try_into().ok()?));
+    Some(Qoe {
+        attempts: word(0)?,
+        start_failures: word(8)?,
+        exits_before_start: word(16)?,
+        bitrate_kbps_ms: i128::from_le_bytes(bytes.get(24..40)?.try_into().ok()?),
+        bitrate_play_ms: word(40)?,
+        startup: Startup::decode(bytes.get(48..)?)?,
+        changed: false,
+    })
+}
+
+/// The merge operator of the QoE store. A malformed operand makes the read fail.
+fn merge_qoe(
+    _key: &[u8],
+    existing: Option<&[u8]>,
+    operands: &rocksdb::MergeOperands,
+) -> Option<Vec<u8>> {
+    let mut total = Qoe::default();
+    for value in existing.into_iter().chain(operands.iter()) {
+        total.merge(&decode_qoe(value)?);
+    }
+    Some(encode_qoe(&total))
+}
+
 fn decode_group(bytes: &[u8]) -> Option<GroupAgg> {
     if bytes.len() < 24 || bytes.len() % 8 != 0 {
         return None;
@@ -484,7 +608,7 @@ fn decode_group(bytes: &[u8]) -> Option<GroupAgg> {
         rebuffer_ms,
         rebuffer_events,
         viewers: words.collect(),
-        unsaved: GroupDelta::default(),
+        ..GroupAgg::default()
     })
 }
 

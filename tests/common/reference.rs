@@ -4,10 +4,75 @@
 //! window's end plus grace; everything else counts in every window that contains it (windows
 //! start every `advance`). Results hold for every window that closes
 //! once all partitions have gone idle (the operator watermark is then the largest one).
+//!
+//! The QoE fields follow DESIGN.md's definitions over each session's accepted events sorted
+//! by event time (ties by the stable hash of event_id): its first START is an attempt; its
+//! first ERROR is a start failure unless a PLAY came first; its first END is an exit before
+//! start unless a PLAY or ERROR came first; its first PLAY's startup_ms joins the startup
+//! times; every event's play_ms is played at the bitrate of the newest PLAY or
+//! BITRATE_CHANGE with a bitrate at or before it. Each counts in the windows containing the
+//! time of the event it comes from, in that event's groups.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use marquee::record::{EventType, PlaybackEvent, QosWindow};
+use marquee::session::stable_hash;
+
+/// What one session contributes to one group of the windows containing `time`.
+#[derive(Debug, Clone, Copy)]
+enum Contribution {
+    Attempt,
+    Failure,
+    Exit,
+    Startup(i64),
+    Played(i64, i64),
+}
+
+/// The QoE contributions of every session, from its accepted events.
+fn contributions<'e>(accepted: &[&'e PlaybackEvent]) -> Vec<(&'e PlaybackEvent, Contribution)> {
+    let mut sessions: HashMap<&str, Vec<&PlaybackEvent>> = HashMap::new();
+    for e in accepted {
+        sessions.entry(e.session_id.as_str()).or_default().push(e);
+    }
+    let mut out = Vec::new();
+    for (_, mut events) in sessions {
+        events.sort_by_key(|e| (e.event_time, stable_hash(&e.event_id)));
+        let position = |kind: EventType| events.iter().position(|e| e.event_type == kind);
+        let (play, error, end) = (
+            position(EventType::Play),
+            position(EventType::Error),
+            position(EventType::End),
+        );
+        let before = |a: Option<usize>, b: usize| a.is_some_and(|a| a < b);
+        if let Some(i) = position(EventType::Start) {
+            out.push((events[i], Contribution::Attempt));
+        }
+        if let Some(i) = error.filter(|i| !before(play, *i)) {
+            out.push((events[i], Contribution::Failure));
+        }
+        if let Some(i) = end.filter(|i| !before(play, *i) && !before(error, *i)) {
+            out.push((events[i], Contribution::Exit));
+        }
+        if let Some(ms) = play.and_then(|i| events[i].startup_ms) {
+            out.push((events[play.unwrap()], Contribution::Startup(ms)));
+        }
+        let mut bitrate = None;
+        for e in &events {
+            if matches!(e.event_type, EventType::Play | EventType::BitrateChange) {
+                bitrate = e.bitrate_kbps.map(i64::from).or(bitrate);
+            }
+            if let (true, Some(kbps)) = (e.play_ms > 0, bitrate) {
+                out.push((e, Contribution::Played(kbps, e.play_ms)));
+            }
+        }
+    }
+    out
+}
+
+/// The value at rank ⌊q·(n−1)⌋ of `sorted`.
+pub fn quantile(sorted: &[i64], q: f64) -> Option<f64> {
+    (!sorted.is_empty()).then(|| sorted[(q * (sorted.len() - 1) as f64) as usize] as f64)
+}
 
 /// Rule parameters, in milliseconds.
 #[derive(Debug, Clone, Copy)]
@@ -32,6 +97,7 @@ pub struct Expected {
 pub fn compute(rules: Rules, per_partition: &BTreeMap<i32, Vec<PlaybackEvent>>) -> Expected {
     let mut expected = Expected::default();
     let mut windows: BTreeMap<i64, Vec<&PlaybackEvent>> = BTreeMap::new();
+    let mut accepted = Vec::new();
     let mut final_watermark = i64::MIN;
     for events in per_partition.values() {
         let mut max_seen: Option<i64> = None;
@@ -47,6 +113,7 @@ pub fn compute(rules: Rules, per_partition: &BTreeMap<i32, Vec<PlaybackEvent>>) 
             if watermark >= oldest + rules.window + rules.grace {
                 expected.late.insert(e.event_id.clone());
             } else {
+                accepted.push(e);
                 for start in starts {
                     windows.entry(start).or_default().push(e);
                 }
@@ -57,25 +124,51 @@ pub fn compute(rules: Rules, per_partition: &BTreeMap<i32, Vec<PlaybackEvent>>) 
             final_watermark = final_watermark.max(m - rules.out_of_orderness);
         }
     }
+    let group_keys = |e: &PlaybackEvent| -> [(String, String); 4] {
+        [
+            ("all".into(), "all".into()),
+            ("cdn".into(), e.cdn.clone()),
+            ("country".into(), e.country.clone()),
+            ("device_type".into(), e.device_type.clone()),
+        ]
+    };
+    let contributions = contributions(&accepted);
     for (start, events) in windows {
         if final_watermark < start + rules.window + rules.grace {
             continue;
         }
         let mut groups: HashMap<(String, String), Vec<&PlaybackEvent>> = HashMap::new();
         for e in events {
-            for (dim, value) in [
-                ("all", "all"),
-                ("cdn", e.cdn.as_str()),
-                ("country", e.country.as_str()),
-                ("device_type", e.device_type.as_str()),
-            ] {
-                groups
-                    .entry((dim.into(), value.into()))
-                    .or_default()
-                    .push(e);
+            for key in group_keys(e) {
+                groups.entry(key).or_default().push(e);
+            }
+        }
+        let mut qoe: HashMap<(String, String), Vec<Contribution>> = HashMap::new();
+        for (e, c) in &contributions {
+            if (start..start + rules.window).contains(&e.event_time) {
+                for key in group_keys(e) {
+                    qoe.entry(key).or_default().push(*c);
+                }
             }
         }
         for ((dimension, value), events) in groups {
+            let mine = qoe
+                .remove(&(dimension.clone(), value.clone()))
+                .unwrap_or_default();
+            let count =
+                |f: fn(&Contribution) -> bool| Some(mine.iter().filter(|c| f(c)).count() as i64);
+            let mut startups: Vec<i64> = mine
+                .iter()
+                .filter_map(|c| match c {
+                    Contribution::Startup(ms) => Some(*ms),
+                    _ => None,
+                })
+                .collect();
+            startups.sort();
+            let (weighted, played) = mine.iter().fold((0i128, 0i64), |(w, p), c| match c {
+                Contribution::Played(kbps, ms) => (w + i128::from(*kbps) * i128::from(*ms), p + ms),
+                _ => (w, p),
+            });
             let play_ms: i64 = events.iter().map(|e| e.play_ms).sum();
             let rebuffer_ms: i64 = events.iter().map(|e| e.rebuffer_ms).sum();
             let viewers: BTreeSet<&str> = events
@@ -101,6 +194,13 @@ pub fn compute(rules: Rules, per_partition: &BTreeMap<i32, Vec<PlaybackEvent>>) 
                     Some(rebuffer_ms as f64 / (play_ms + rebuffer_ms) as f64)
                 },
                 is_final: true,
+                attempts: count(|c| matches!(c, Contribution::Attempt)),
+                video_start_failures: count(|c| matches!(c, Contribution::Failure)),
+                exits_before_video_start: count(|c| matches!(c, Contribution::Exit)),
+                startup_ms_p50: quantile(&startups, 0.5),
+                startup_ms_p90: quantile(&startups, 0.9),
+                startup_ms_p99: quantile(&startups, 0.99),
+                avg_bitrate_kbps: (played > 0).then(|| weighted as f64 / played as f64),
             };
             expected.results.insert(w.key(), w);
         }
