@@ -11,9 +11,11 @@ use crate::error::PipelineError;
 use crate::io::decode::Decoder;
 use crate::io::registry::{HttpRegistry, SchemaRegistry};
 use crate::io::sink::{
-    ensure_topics, producer_config, Output, Sink, TopicSpec, COMPACTED, QOS_WINDOW_SCHEMA,
+    ensure_topics, producer_config, Output, Sink, TopicSpec, COMPACTED, DAILY_ACTIVE_SCHEMA,
+    QOS_WINDOW_SCHEMA,
 };
 use crate::io::source::{consumer_config, Source};
+use crate::operators::dau::DailyActiveUsers;
 use crate::operators::qos::{QosWindows, ResultHook};
 use crate::operators::repartition::Repartition;
 use crate::operators::table::ResumeTable;
@@ -107,7 +109,8 @@ fn run_operators(
         Some((r, view)) if r.input_keyed_by_profile => (Some((r, view)), None),
         other => (None, other),
     };
-    let input_has_operators = topology.qos.is_some() || topology.resume.is_some();
+    let input_has_operators =
+        topology.qos.is_some() || topology.resume.is_some() || topology.dau.is_some();
     // Ready only once every task is (each restores its state first).
     if input_has_operators {
         health.expect(INPUT_TASK);
@@ -131,13 +134,14 @@ fn run_operators(
                         &topology.sink.topic,
                         QOS_WINDOW_SCHEMA,
                     )?;
-                    let windows = QosWindows::new(
-                        qos,
-                        Arc::clone(&store),
-                        results,
-                        &topology.sink.late_topic,
-                    )?;
+                    let windows = QosWindows::new(qos, Arc::clone(&store), results)?;
                     operators.push(Box::new(windows.on_result(on_result)));
+                }
+                if let Some(dau) = &topology.dau {
+                    let output =
+                        Output::register(registry.as_ref(), &dau.topic, DAILY_ACTIVE_SCHEMA)?;
+                    let operator = DailyActiveUsers::new(dau, Arc::clone(&store), output)?;
+                    operators.push(Box::new(operator));
                 }
                 if let (Some(partitions), Some(topic)) = (repartition, repartition_topic) {
                     operators.push(Box::new(Repartition::new(topic, partitions)));
@@ -164,6 +168,7 @@ fn run_operators(
                     name: TABLE_TASK,
                     legacy_name: None,
                     max_drift_ms: None,
+                    late_topic: None,
                     ..task_options(topology)
                 };
                 let group = format!("{}-resume", topology.group_id());
@@ -234,6 +239,11 @@ fn output_topics<'a>(
             sink.partitions,
             COMPACTED,
         ));
+    }
+    if let Some(dau) = &topology.dau {
+        topics.push(topic_spec(topology, &dau.topic, sink.partitions, COMPACTED));
+    }
+    if topology.qos.is_some() || topology.dau.is_some() {
         topics.push(topic_spec(topology, &sink.late_topic, sink.partitions, &[]));
     }
     if let Some(resume) = &topology.resume {
@@ -255,10 +265,10 @@ fn task_options(topology: &Topology) -> TaskOptions {
         out_of_orderness: time.out_of_orderness,
         idle_timeout: time.idle_timeout,
         max_future_skew_ms: time.max_future_skew.as_millis() as i64,
-        max_drift_ms: topology
-            .qos
-            .as_ref()
-            .map(|_| time.max_partition_drift.as_millis() as i64),
+        // Alignment bounds the open windows (and days) while a backlog is read.
+        max_drift_ms: (topology.qos.is_some() || topology.dau.is_some())
+            .then(|| time.max_partition_drift.as_millis() as i64),
+        late_topic: Some(topology.sink.late_topic.clone()),
         checkpoint_interval: topology.state.checkpoint_interval,
     }
 }

@@ -24,6 +24,8 @@ pub struct Topology {
     pub qos: Option<QosConfig>,
     /// The resume-position table (optional).
     pub resume: Option<ResumeConfig>,
+    /// Daily active accounts and profiles (optional).
+    pub dau: Option<DauConfig>,
     /// Output topics and producer settings.
     #[serde(default)]
     pub sink: SinkConfig,
@@ -150,6 +152,37 @@ pub enum EmitPolicy {
     Final,
     /// Updated while the window is open (not final), then once final.
     Early,
+}
+
+/// `[dau]`: distinct accounts and profiles per UTC day, overall and per country and device
+/// type.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DauConfig {
+    /// Compacted topic of `DailyActive` records keyed `<dimension>/<value>/<day start>`.
+    #[serde(default = "default_dau_topic")]
+    pub topic: String,
+    /// `exact` (a set of 64-bit id hashes per day and group: memory grows with the users) or
+    /// `sketch` (HyperLogLog++, 12 KiB per day and group, standard error 0.81%).
+    #[serde(default)]
+    pub counting: Counting,
+    /// How often a running (not final) value is written for each day that changed.
+    #[serde(default = "d1m", deserialize_with = "duration")]
+    pub interval: Duration,
+    /// How long after midnight (in watermark time) a day still accepts records.
+    #[serde(default = "d30s", deserialize_with = "duration")]
+    pub grace: Duration,
+}
+
+/// How distinct ids are counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Counting {
+    /// Exactly (up to 64-bit hash collisions).
+    #[default]
+    Exact,
+    /// With a mergeable cardinality sketch.
+    Sketch,
 }
 
 /// `[resume]`: per (profile, title), the playhead of the newest event by event time.
@@ -349,10 +382,35 @@ impl Topology {
             "`source.topic` must not be empty".into(),
         );
         check(
-            self.qos.is_some() || self.resume.is_some(),
-            "the topology has neither `[qos]` nor `[resume]`: expected at least one operator"
+            self.qos.is_some() || self.resume.is_some() || self.dau.is_some(),
+            "the topology has none of `[qos]`, `[resume]` and `[dau]`: expected at least one operator"
                 .into(),
         );
+        if let Some(dau) = &self.dau {
+            check(
+                dau.interval >= Duration::from_secs(1),
+                format!(
+                    "`dau.interval` is {}: expected at least 1s",
+                    humantime::format_duration(dau.interval)
+                ),
+            );
+            check(
+                dau.topic != self.source.topic && !dau.topic.is_empty(),
+                format!(
+                    "`dau.topic` is `{}`: expected a topic other than the input",
+                    dau.topic
+                ),
+            );
+            let absorbed = self.time.out_of_orderness + dau.grace;
+            check(
+                self.time.max_future_skew < absorbed,
+                format!(
+                    "`time.max_future_skew` is {}: expected less than `time.out_of_orderness` + `dau.grace` = {}",
+                    humantime::format_duration(self.time.max_future_skew),
+                    humantime::format_duration(absorbed)
+                ),
+            );
+        }
         if let Some(qos) = &self.qos {
             qos.validate(&mut check);
             if qos.qoe {
@@ -503,6 +561,9 @@ fn default_dead_letter_topic() -> String {
 }
 fn default_dimensions() -> Vec<Dimension> {
     vec![Dimension::Cdn, Dimension::Country, Dimension::DeviceType]
+}
+fn default_dau_topic() -> String {
+    "daily-active".into()
 }
 fn default_resume_topic() -> String {
     "resume-positions".into()

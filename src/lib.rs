@@ -26,11 +26,14 @@
 //!   [`io::sink`] (the producer, Avro encoding, late and dead-letter copies, refused outputs).
 //! - [`runtime`]: the task loop that runs any set of operators over one topic: assignment,
 //!   decode once, watermarks and alignment, the checkpoint protocol.
-//! - [`operators`]: what the runtime drives — [`operators::qos`] (QoS windows),
+//! - [`operators`]: what the runtime drives — [`operators::qos`] (QoS windows with the
+//!   session lifecycle's QoE fields), [`operators::dau`] (daily active users),
 //!   [`operators::repartition`] (by profile), [`operators::table`] (the resume table).
 //! - [`watermark`]: per-partition watermarks, idleness, the operator watermark.
 //! - [`window`]: tumbling windows and the QoS aggregates.
 //! - [`table`]: the resume-position update rule (newest event by event time).
+//! - [`daily`] and [`distinct`]: DAU state per day and group, exact or sketched distinct
+//!   counts.
 //! - [`session`]: the session lifecycle rule behind the QoE fields (attempts, start failures,
 //!   exits before start, startup time, bitrate), decided in event-time order.
 //! - [`resume`]: the table's restore from its topic and what the HTTP side reads.
@@ -50,6 +53,10 @@
 pub mod app;
 pub mod check;
 pub mod config;
+#[cfg(feature = "runtime")]
+pub mod daily;
+#[cfg(feature = "runtime")]
+pub mod distinct;
 pub mod error;
 pub mod io;
 #[cfg(feature = "runtime")]

@@ -10,6 +10,8 @@ use std::time::Duration;
 use metrics::{counter, gauge, histogram, Counter, Gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use crate::record::{DailyActive, QosWindow};
+
 /// Installs the process-wide Prometheus recorder once and returns its handle.
 pub fn install() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -170,49 +172,139 @@ pub fn checkpoint(flush: Duration, write: Duration) {
 /// Most values per dimension that get gauges; results hold every value regardless.
 pub const MAX_GAUGE_VALUES: usize = 32;
 
-/// Business gauges of the newest closed window, per low-cardinality group. A group without
-/// events in that window reports 0 rather than its last value (so a CDN that fails completely
-/// trips a viewer-drop alert), and at most [`MAX_GAUGE_VALUES`] values per dimension are ever
-/// exported (the first seen), so hostile values cannot explode the series count.
-#[derive(Default)]
-pub struct LastWindowGauges {
-    shown: BTreeSet<(String, String)>,
+/// Business gauges of the newest results, per low-cardinality group. A group without
+/// data in the newest window (or day) reports 0 rather than its last value (so a CDN that
+/// fails completely trips a viewer-drop alert), and at most [`MAX_GAUGE_VALUES`] values per
+/// dimension are ever exported (the first seen), so hostile values cannot explode the series
+/// count.
+pub struct GroupGauges<R> {
+    /// The groups shown and the last result each showed.
+    shown: BTreeMap<(String, String), R>,
+    set: fn(&R),
 }
 
-impl LastWindowGauges {
-    /// Publishes the results of the newest closed window.
-    pub fn publish(&mut self, newest: &[crate::record::QosWindow]) {
-        let mut fresh = BTreeSet::new();
-        for r in newest {
-            let key = (r.dimension.clone(), r.value.clone());
-            if !self.shown.contains(&key) {
-                let values = self.shown.iter().filter(|(d, _)| *d == r.dimension).count();
-                if values >= MAX_GAUGE_VALUES {
-                    continue;
-                }
-                self.shown.insert(key.clone());
-            }
-            set_last_window(
-                &r.dimension,
-                &r.value,
-                r.concurrent_viewers,
-                r.rebuffer_ratio,
-            );
-            fresh.insert(key);
-        }
-        for (dimension, value) in self.shown.difference(&fresh) {
-            set_last_window(dimension, value, 0, None);
+/// The QoS window gauges.
+pub type LastWindowGauges = GroupGauges<QosWindow>;
+/// The DAU gauges.
+pub type DailyActiveGauges = GroupGauges<DailyActive>;
+
+impl Default for LastWindowGauges {
+    fn default() -> Self {
+        Self {
+            shown: BTreeMap::new(),
+            set: set_last_window,
         }
     }
 }
 
-fn set_last_window(dimension: &str, value: &str, viewers: i64, rebuffer_ratio: Option<f64>) {
+impl Default for DailyActiveGauges {
+    fn default() -> Self {
+        Self {
+            shown: BTreeMap::new(),
+            set: set_daily_active,
+        }
+    }
+}
+
+/// A result with gauges.
+pub trait Grouped: Clone {
+    /// The result's dimension and value.
+    fn group(&self) -> (&str, &str);
+    /// The same group with nothing measured.
+    fn zeroed(&self) -> Self;
+}
+
+impl Grouped for QosWindow {
+    fn group(&self) -> (&str, &str) {
+        (&self.dimension, &self.value)
+    }
+    fn zeroed(&self) -> Self {
+        let zero = |n: Option<i64>| n.map(|_| 0);
+        QosWindow {
+            dimension: self.dimension.clone(),
+            value: self.value.clone(),
+            attempts: zero(self.attempts),
+            video_start_failures: zero(self.video_start_failures),
+            exits_before_video_start: zero(self.exits_before_video_start),
+            ..QosWindow::default()
+        }
+    }
+}
+
+impl Grouped for DailyActive {
+    fn group(&self) -> (&str, &str) {
+        (&self.dimension, &self.value)
+    }
+    fn zeroed(&self) -> Self {
+        DailyActive {
+            accounts: 0,
+            profiles: 0,
+            ..self.clone()
+        }
+    }
+}
+
+impl<R: Grouped> GroupGauges<R> {
+    /// Publishes the newest results.
+    pub fn publish(&mut self, newest: &[R]) {
+        let mut fresh = BTreeSet::new();
+        for r in newest {
+            let (dimension, value) = r.group();
+            let key = (dimension.to_string(), value.to_string());
+            if !self.shown.contains_key(&key) {
+                let values = self.shown.keys().filter(|(d, _)| d == dimension).count();
+                if values >= MAX_GAUGE_VALUES {
+                    continue;
+                }
+            }
+            (self.set)(r);
+            self.shown.insert(key.clone(), r.clone());
+            fresh.insert(key);
+        }
+        for (key, last) in self.shown.iter_mut() {
+            if !fresh.contains(key) {
+                *last = last.zeroed();
+                (self.set)(last);
+            }
+        }
+    }
+}
+
+fn set_last_window(r: &QosWindow) {
     let labels = [
-        ("dimension", dimension.to_string()),
-        ("value", value.to_string()),
+        ("dimension", r.dimension.clone()),
+        ("value", r.value.clone()),
     ];
-    gauge!("marquee_qos_concurrent_viewers", &labels).set(viewers as f64);
-    gauge!("marquee_qos_rebuffer_ratio", &labels).set(rebuffer_ratio.unwrap_or(0.0));
+    gauge!("marquee_qos_concurrent_viewers", &labels).set(r.concurrent_viewers as f64);
+    gauge!("marquee_qos_rebuffer_ratio", &labels).set(r.rebuffer_ratio.unwrap_or(0.0));
+    // QoE gauges exist only when the session lifecycle runs.
+    let Some(attempts) = r.attempts else {
+        return;
+    };
+    gauge!("marquee_qos_attempts", &labels).set(attempts as f64);
+    let failures = r.video_start_failures.unwrap_or(0) as f64;
+    gauge!("marquee_qos_video_start_failures", &labels).set(failures);
+    let exits = r.exits_before_video_start.unwrap_or(0) as f64;
+    gauge!("marquee_qos_exits_before_video_start", &labels).set(exits);
+    for (q, v) in [
+        ("0.5", r.startup_ms_p50),
+        ("0.9", r.startup_ms_p90),
+        ("0.99", r.startup_ms_p99),
+    ] {
+        let mut labels = labels.to_vec();
+        labels.push(("quantile", q.to_string()));
+        gauge!("marquee_qos_startup_ms", &labels).set(v.unwrap_or(0.0));
+    }
+    gauge!("marquee_qos_avg_bitrate_kbps", &labels).set(r.avg_bitrate_kbps.unwrap_or(0.0));
+}
+
+fn set_daily_active(r: &DailyActive) {
+    let labels = [
+        ("dimension", r.dimension.clone()),
+        ("value", r.value.clone()),
+    ];
+    gauge!("marquee_daily_active_accounts", &labels).set(r.accounts as f64);
+    gauge!("marquee_daily_active_profiles", &labels).set(r.profiles as f64);
 }
 
 /// One event applied to the resume table (`applied`), or ignored as older than the entry.
@@ -250,7 +342,6 @@ pub fn query(route: &'static str, took: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::QosWindow;
 
     fn row(value: &str, viewers: i64) -> QosWindow {
         QosWindow {

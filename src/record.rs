@@ -104,6 +104,34 @@ pub fn rebuffer_ratio(play_ms: i64, rebuffer_ms: i64) -> Option<f64> {
     (total > 0).then(|| rebuffer_ms as f64 / total as f64)
 }
 
+/// Distinct accounts and profiles of one UTC day and group, the output contract
+/// (`avro/daily_active.avsc`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DailyActive {
+    /// 00:00 UTC of the day, epoch millis.
+    pub day: i64,
+    pub dimension: String,
+    pub value: String,
+    pub accounts: i64,
+    pub profiles: i64,
+    /// False when counted with a sketch.
+    pub exact: bool,
+    /// False for a running value during the day.
+    pub is_final: bool,
+}
+
+impl DailyActive {
+    /// The deterministic output key `<dimension>/<value>/<day>`.
+    pub fn key(&self) -> String {
+        format!(
+            "{}/{}/{}",
+            key_part(&self.dimension),
+            key_part(&self.value),
+            self.day
+        )
+    }
+}
+
 /// Where a profile stopped in a title, the output contract (`avro/resume_position.avsc`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResumePosition {

@@ -474,3 +474,175 @@ fn early_results_come_before_and_never_change_the_final_ones() {
         }
     }
 }
+
+/// Generated sessions that cross midnight, with start failures, exits before start, bitrate
+/// switches and late records: the QoE fields (attempts, failures, exits, startup percentiles
+/// within 1%, bitrate) and DAU, exact and sketched, equal the reference. The day before
+/// midnight gets running values while it is open, then its final value; records late for
+/// their window still count for their day.
+#[test]
+fn qoe_fields_and_daily_active_users_equal_the_reference() {
+    use common::qos::{dataset_from, per_partition};
+    use common::reference::{daily, Daily};
+    use marquee::record::DailyActive;
+    use std::collections::BTreeMap;
+
+    let brokers = kafka().addr.clone();
+    let input = unique("qoe-dau");
+    common::create_topic(&brokers, &input, 3);
+    let dir = tempfile::tempdir().unwrap();
+    // 2025-12-31T23:58:30Z: sessions run across midnight.
+    let midnight = 1_767_225_600_000;
+    let mut events = dataset_from(53, 9_000, midnight - 90_000);
+    // A viewer whose only event is late for its window, not for its day.
+    let after = events
+        .iter()
+        .position(|(p, e)| *p == 0 && e.event_time >= midnight + 90_000)
+        .unwrap();
+    let mut lone = events[after].1.clone();
+    lone.event_time -= 40_000;
+    lone.event_type = marquee::record::EventType::Heartbeat;
+    lone.event_id = "late-only".into();
+    lone.session_id = "late-only-session".into();
+    lone.account_id = "acc-late-only".into();
+    lone.profile_id = "acc-late-only-p0".into();
+    events.insert(after + 1, (0, lone));
+    let expected = expected(&events);
+    assert!(expected.late.contains("late-only"));
+    let by_partition = per_partition(&events);
+    let want = daily(common::qos::RULES.out_of_orderness, 5_000, &by_partition);
+    let all = |k: &str| {
+        expected
+            .results
+            .values()
+            .filter_map(|w| match k {
+                "failures" => w.video_start_failures,
+                "exits" => w.exits_before_video_start,
+                _ => w.attempts,
+            })
+            .sum::<i64>()
+    };
+    assert!(
+        all("failures") > 0 && all("exits") > 0 && all("attempts") > 100,
+        "the data exercises every rule"
+    );
+    assert!(want.values().any(|d| d.is_final) && want.values().any(|d| !d.is_final));
+
+    let instance = |name: &str, counting: &str| {
+        let state = dir.path().join(name);
+        // Each instance has its own group and output topics.
+        let toml = topology_toml(&input, &state)
+            .replace(&format!("\"{input}-"), &format!("\"{input}-{name}-"))
+            + &format!(
+                "[dau]\ntopic = \"{input}-{name}-dau\"\ncounting = \"{counting}\"\ninterval = \"1s\"\ngrace = \"5s\"\n"
+            );
+        marquee::config::Topology::parse(&toml, std::path::Path::new("dau.toml")).unwrap()
+    };
+    let exact = instance("exact", "exact");
+    let sketch = instance("sketch", "sketch");
+    let feeder = Feeder::new(&brokers, &input);
+    let split = events
+        .iter()
+        .position(|(_, e)| e.event_time >= midnight + 20_000)
+        .unwrap();
+    send(&feeder, &events[..split], 0);
+    let runs = [
+        Running::start(&exact, &brokers, None),
+        Running::start(&sketch, &brokers, None),
+    ];
+    let dau_topic = |t: &marquee::config::Topology| t.dau.as_ref().unwrap().topic.clone();
+    // While the day before midnight is open: running values of it.
+    let day_before = format!("all/all/{}", midnight - 86_400_000);
+    let running = read_topic(
+        &brokers,
+        &dau_topic(&exact),
+        1,
+        Duration::from_secs(1),
+        Duration::from_secs(60),
+    );
+    assert!(
+        running.iter().any(|r| r.key_str() == day_before),
+        "a running value of the open day"
+    );
+    send(&feeder, &events[split..], split);
+
+    let (results, late) = read_outputs(&brokers, &exact, &expected, Duration::from_secs(120));
+    assert_results_equal(&results_by_key(&results), &expected.results);
+    assert_eq!(late_event_ids(&late), expected.late);
+    std::thread::sleep(Duration::from_secs(3));
+    let newest = |t: &marquee::config::Topology| {
+        let records = read_topic(
+            &brokers,
+            &dau_topic(t),
+            want.len(),
+            Duration::from_secs(2),
+            Duration::from_secs(60),
+        );
+        let mut newest: BTreeMap<String, Vec<DailyActive>> = BTreeMap::new();
+        for r in &records {
+            let (_, mut payload) =
+                marquee::io::decode::split_frame(r.value.as_deref().unwrap()).unwrap();
+            let schema =
+                apache_avro::Schema::parse_str(marquee::io::sink::DAILY_ACTIVE_SCHEMA).unwrap();
+            let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
+                .build()
+                .unwrap();
+            let d: DailyActive =
+                apache_avro::from_value(&reader.read_value(&mut payload).unwrap()).unwrap();
+            assert_eq!(r.key_str(), d.key());
+            newest.entry(d.key()).or_default().push(d);
+        }
+        newest
+    };
+    let exact_out = newest(&exact);
+    let sketch_out = newest(&sketch);
+    for r in runs {
+        r.stop();
+    }
+    let got: BTreeMap<String, Daily> = exact_out
+        .iter()
+        .map(|(k, v)| {
+            let d = v.last().unwrap();
+            assert!(d.exact);
+            let finals = v.iter().filter(|d| d.is_final).count();
+            assert!(
+                finals <= 1 && (finals == 0 || d.is_final),
+                "{k}: one final value, the last"
+            );
+            (
+                k.clone(),
+                Daily {
+                    accounts: d.accounts as usize,
+                    profiles: d.profiles as usize,
+                    is_final: d.is_final,
+                },
+            )
+        })
+        .collect();
+    assert_eq!(got, want);
+    assert!(
+        exact_out[&day_before].iter().any(|d| !d.is_final),
+        "running values came first"
+    );
+    for (k, v) in &sketch_out {
+        let (d, w) = (v.last().unwrap(), &want[k]);
+        assert!(!d.exact && d.is_final == w.is_final, "{k}: {d:?}");
+        for (got, want) in [(d.accounts, w.accounts), (d.profiles, w.profiles)] {
+            let error = (got as f64 - want as f64).abs() / want as f64;
+            assert!(
+                error <= 4.0 * marquee::distinct::SKETCH_STANDARD_ERROR,
+                "{k}: {got} for {want}"
+            );
+        }
+    }
+    assert_eq!(sketch_out.len(), want.len());
+    // Records late for their window but on time for their day were counted.
+    let mut on_time = by_partition.clone();
+    on_time
+        .values_mut()
+        .for_each(|events| events.retain(|e| !expected.late.contains(&e.event_id)));
+    assert_ne!(
+        daily(common::qos::RULES.out_of_orderness, 5_000, &on_time),
+        want
+    );
+}

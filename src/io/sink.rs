@@ -31,6 +31,8 @@ use crate::record::Origin;
 
 /// The schema of QoS window results.
 pub const QOS_WINDOW_SCHEMA: &str = include_str!("../../avro/qos_window.avsc");
+/// The writer schema of DAU records.
+pub const DAILY_ACTIVE_SCHEMA: &str = include_str!("../../avro/daily_active.avsc");
 
 /// Encodes values of one registered schema as Confluent-framed Avro.
 pub struct AvroEncoder {

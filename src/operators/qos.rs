@@ -3,7 +3,7 @@
 //! operator watermark passes its end plus grace, and with the `early` policy an updated,
 //! not-final result every `early_interval` of wall clock for each window that changed. A
 //! record whose window its partition's watermark (or an emitted window) has passed is late: it
-//! goes unchanged to the late topic.
+//! changes nothing, and the runtime writes it unchanged to the late topic.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use crate::record::QosWindow;
 use crate::runtime::{Context, Handled, Operator, Record};
 use crate::session::Session;
 use crate::state::PartitionMeta;
-use crate::state::Store;
+use crate::state::{Store, QOS_FRONTIER};
 use crate::window::{slot, slot_name, PartitionWindows, WindowPartial, WindowSpec};
 
 /// Called with every final result as it is emitted (the demo prints them).
@@ -33,7 +33,6 @@ pub struct QosWindows {
     gauge_slots: Vec<u8>,
     store: Arc<Store>,
     results: Output,
-    late_topic: String,
     /// Open windows per owned input partition.
     parts: BTreeMap<i32, PartitionWindows>,
     /// Highest operator watermark at which windows were closed: anything at or below is final.
@@ -78,21 +77,15 @@ impl Sessions {
 }
 
 impl QosWindows {
-    /// The operator of `qos`, writing results to `results` and late records to `late_topic`.
-    pub fn new(
-        qos: &QosConfig,
-        store: Arc<Store>,
-        results: Output,
-        late_topic: &str,
-    ) -> Result<Self, PipelineError> {
+    /// The operator of `qos`, writing results to `results`.
+    pub fn new(qos: &QosConfig, store: Arc<Store>, results: Output) -> Result<Self, PipelineError> {
         Ok(Self {
             spec: WindowSpec::new(qos.window, qos.advance.unwrap_or(qos.window), qos.grace),
             dimensions: qos.dimensions.clone(),
             gauge_slots: qos.gauge_dimensions.iter().map(|d| slot(*d)).collect(),
-            closed_through: store.closed_through()?.unwrap_or(i64::MIN),
+            closed_through: store.closed_through(QOS_FRONTIER)?.unwrap_or(i64::MIN),
             store,
             results,
-            late_topic: late_topic.to_string(),
             parts: BTreeMap::new(),
             emitted: Vec::new(),
             on_result: None,
@@ -234,21 +227,16 @@ impl Operator for QosWindows {
 
     fn on_record(
         &mut self,
-        ctx: &Context<'_>,
+        _ctx: &Context<'_>,
         record: &Record<'_>,
     ) -> Result<Handled, PipelineError> {
         let start = self.spec.first_start(record.event.event_time);
         let watermark = record.watermark.max(self.closed_through);
         if self.spec.is_closed(start, watermark) {
-            ctx.sink.send_late(
-                &self.late_topic,
-                record.key,
-                record.value,
-                record.origin,
-                start,
+            return Ok(Handled::Late {
+                window_start: start,
                 watermark,
-            )?;
-            return Ok(Handled::Late);
+            });
         }
         let partition = record.origin.partition;
         if let Some(windows) = self.parts.get_mut(&partition) {
@@ -348,7 +336,8 @@ impl Operator for QosWindows {
             }
         }
         if self.closed_through != i64::MIN {
-            self.store.stage_closed_through(batch, self.closed_through);
+            self.store
+                .stage_closed_through(batch, QOS_FRONTIER, self.closed_through);
         }
         Ok(())
     }

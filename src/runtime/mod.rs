@@ -36,8 +36,10 @@ pub struct Record<'a> {
 pub enum Handled {
     /// Applied to the operator's state (or forwarded).
     Applied,
-    /// Too late for the operator's windows: sent to the late topic unchanged.
-    Late,
+    /// Too late for the operator's window starting at `window_start`, judged at
+    /// `watermark`: it changed nothing there. The runtime writes the record unchanged to the
+    /// late topic, once however many operators found it late.
+    Late { window_start: i64, watermark: i64 },
 }
 
 /// What an operator may use while it handles a record, a watermark or a tick.

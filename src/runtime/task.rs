@@ -61,6 +61,8 @@ pub struct TaskOptions {
     pub max_future_skew_ms: i64,
     /// Pause partitions this far (ms) ahead of the slowest; `None` never pauses.
     pub max_drift_ms: Option<i64>,
+    /// Where records late for any operator go, unchanged.
+    pub late_topic: Option<String>,
     pub checkpoint_interval: Duration,
 }
 
@@ -307,12 +309,26 @@ impl Core {
             sink: &self.sink,
             now: self.now,
         };
-        let mut late = false;
+        let mut late = None;
         for op in &mut self.operators {
-            late |= op.on_record(&ctx, &record)? == Handled::Late;
+            if let Handled::Late {
+                window_start,
+                watermark,
+            } = op.on_record(&ctx, &record)?
+            {
+                late.get_or_insert((window_start, watermark));
+            }
         }
-        if late {
+        if let Some((window_start, watermark)) = late {
             part.counters.late();
+            let topic = self.options.late_topic.as_deref().ok_or_else(|| {
+                PipelineError::Other(format!(
+                    "task {} has no late topic, but an operator found a record late",
+                    self.options.name
+                ))
+            })?;
+            self.sink
+                .send_late(topic, key, value, origin, window_start, watermark)?;
         }
         self.marks.observe(p, event.event_time);
         Ok(())

@@ -2,6 +2,7 @@
 
 use super::keys;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use rocksdb::{
@@ -9,6 +10,7 @@ use rocksdb::{
     Options, WriteBatch, WriteBufferManager, DB,
 };
 
+use crate::daily::{self, Active, DayPartial};
 use crate::error::StateError;
 use crate::session::Session;
 use crate::table::Entry;
@@ -25,20 +27,26 @@ pub const CF_RESUME_RECENT: &str = "resume_recent";
 pub const CF_QOE: &str = "qos_qoe";
 /// Column family of the session lifecycle: partition, then `session_id`.
 pub const CF_SESSIONS: &str = "qos_sessions";
+/// Column family of the DAU days, keyed like [`CF_WINDOWS`] (the day start as the window).
+pub const CF_DAILY: &str = "daily_active";
 /// Reserved column family of offsets, watermarks and the emitted-window frontier.
 pub const CF_META: &str = "__marquee_meta";
 
 /// Every column family, opened together.
-const COLUMN_FAMILIES: [&str; 6] = [
+const COLUMN_FAMILIES: [&str; 7] = [
     CF_WINDOWS,
     CF_QOE,
     CF_SESSIONS,
+    CF_DAILY,
     CF_RESUME,
     CF_RESUME_RECENT,
     CF_META,
 ];
 
-const META_CLOSED_THROUGH: &[u8] = b"closed_through";
+/// Meta key of the QoS windows' emitted frontier.
+pub const QOS_FRONTIER: &str = "closed_through";
+/// Meta key of the DAU days' emitted frontier.
+pub const DAU_FRONTIER: &str = "dau/closed_through";
 /// The table is complete here, with profile-length-prefixed keys and the recency index.
 const META_TABLE_RESTORED: &[u8] = b"resume/restored/v3";
 /// The marker of a table with today's keys but no recency index yet.
@@ -98,6 +106,11 @@ impl Store {
             if name == CF_QOE {
                 options.set_merge_operator_associative("marquee_qoe_group_v1", merge_qoe);
             }
+            if name == CF_DAILY {
+                options.set_merge_operator_associative("marquee_daily_group_v1", |_, e, ops| {
+                    daily::merge_values(e, ops.iter())
+                });
+            }
             ColumnFamilyDescriptor::new(name, options)
         });
         let db =
@@ -137,11 +150,12 @@ impl Store {
         }))
     }
 
-    /// The operator watermark up to which windows were emitted, if any were.
-    pub fn closed_through(&self) -> Result<Option<i64>, StateError> {
+    /// The operator watermark up to which an operator's windows (its `frontier` meta key)
+    /// were emitted, if any were.
+    pub fn closed_through(&self, frontier: &str) -> Result<Option<i64>, StateError> {
         Ok(self
             .db
-            .get_cf(self.cf(CF_META), META_CLOSED_THROUGH)?
+            .get_cf(self.cf(CF_META), frontier)?
             .and_then(|b| b.try_into().ok())
             .map(i64::from_le_bytes))
     }
@@ -286,13 +300,61 @@ impl Store {
         batch.put_cf(self.cf(CF_META), meta_key(stage, partition), value);
     }
 
-    /// Stages the emitted-window frontier.
-    pub fn stage_closed_through(&self, batch: &mut WriteBatch, watermark: i64) {
-        batch.put_cf(
-            self.cf(CF_META),
-            META_CLOSED_THROUGH,
-            watermark.to_le_bytes(),
+    /// Stages an operator's emitted-window frontier.
+    pub fn stage_closed_through(&self, batch: &mut WriteBatch, frontier: &str, watermark: i64) {
+        batch.put_cf(self.cf(CF_META), frontier, watermark.to_le_bytes());
+    }
+
+    /// The open days of `partition` of the DAU store.
+    pub fn load_days(&self, partition: i32) -> Result<BTreeMap<i64, DayPartial>, StateError> {
+        let prefix = keys::partition_prefix(partition);
+        let mut days: BTreeMap<i64, DayPartial> = BTreeMap::new();
+        let iter = self.db.iterator_cf(
+            self.cf(CF_DAILY),
+            IteratorMode::From(&prefix, Direction::Forward),
         );
+        for item in iter {
+            let (key, value) = item?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let corrupt = |message: &str| StateError::Corrupt {
+                key: format!("{CF_DAILY}/{key:?}"),
+                message: message.to_string(),
+            };
+            let group = keys::decode(&key).ok_or_else(|| corrupt("undecodable key"))?;
+            let active = Active::decode(&value)
+                .filter(|_| usize::from(group.slot) < daily::DIMENSIONS.len())
+                .ok_or_else(|| corrupt("expected exact id hashes or two sketches"))?;
+            days.entry(group.start).or_default().groups[usize::from(group.slot)]
+                .insert(group.value.into_boxed_str(), active);
+        }
+        Ok(days)
+    }
+
+    /// Stages what each day of `partition` gained since the last checkpoint.
+    pub fn stage_days(
+        &self,
+        batch: &mut WriteBatch,
+        partition: i32,
+        days: &mut BTreeMap<i64, DayPartial>,
+    ) {
+        let cf = self.cf(CF_DAILY);
+        for (&day, partial) in days.iter_mut() {
+            for (slot, groups) in partial.groups.iter_mut().enumerate() {
+                for (value, active) in groups.iter_mut().filter(|(_, a)| a.changed) {
+                    let key = keys::group_key(partition, day, slot as u8, value);
+                    batch.merge_cf(cf, key, active.take_delta());
+                }
+            }
+        }
+    }
+
+    /// Stages the deletion of an emitted day of `partition`.
+    pub fn stage_day_delete(&self, batch: &mut WriteBatch, partition: i32, day: i64) {
+        let from = keys::window_prefix(partition, day);
+        let to = keys::window_prefix(partition, day + 1);
+        batch.delete_range_cf(self.cf(CF_DAILY), from, to);
     }
 
     /// Writes a batch atomically and durably (WAL synced: it survives a killed process and a host crash).
@@ -936,12 +998,12 @@ mod tests {
         };
         let mut batch = WriteBatch::default();
         store.stage_meta(&mut batch, "qos", 3, meta);
-        store.stage_closed_through(&mut batch, 99);
+        store.stage_closed_through(&mut batch, QOS_FRONTIER, 99);
         store.commit(batch).unwrap();
         drop(store);
         let store = Store::open(dir.path(), 8, 8).unwrap();
         assert_eq!(store.partition_meta("qos", 3).unwrap(), Some(meta));
         assert_eq!(store.partition_meta("resume", 3).unwrap(), None);
-        assert_eq!(store.closed_through().unwrap(), Some(99));
+        assert_eq!(store.closed_through(QOS_FRONTIER).unwrap(), Some(99));
     }
 }

@@ -41,7 +41,11 @@ pub fn run(
         .map_err(PipelineError::kafka("creating the demo input topic"))?;
     // The mock cluster does not answer CreateTopics: make the outputs here.
     let sink = &topology.sink;
-    for topic in [&sink.topic, &sink.late_topic, &sink.dead_letter_topic] {
+    let dau = topology.dau.as_ref().map(|d| &d.topic);
+    for topic in [&sink.topic, &sink.late_topic, &sink.dead_letter_topic]
+        .into_iter()
+        .chain(dau)
+    {
         kafka
             .create_topic(topic, 1, 1)
             .map_err(PipelineError::kafka(format!(
@@ -86,6 +90,17 @@ pub fn run(
                 w.concurrent_viewers,
                 w.play_ms / 1000,
                 w.rebuffer_ratio.map_or("-".into(), |r| format!("{:.4}", r)),
+            );
+            let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
+            println!(
+                "           attempts {:>4}  start failures {:>3}  exits before start {:>3}  startup p50/p90/p99 {}/{}/{} ms  bitrate {} kbps",
+                w.attempts.unwrap_or(0),
+                w.video_start_failures.unwrap_or(0),
+                w.exits_before_video_start.unwrap_or(0),
+                ms(w.startup_ms_p50),
+                ms(w.startup_ms_p90),
+                ms(w.startup_ms_p99),
+                ms(w.avg_bitrate_kbps),
             );
         } else if w.dimension == "cdn" {
             println!(

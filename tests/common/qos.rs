@@ -63,8 +63,14 @@ checkpoint_interval = "200ms"
 /// Generated events, keyed to partitions 0 and 1 of a 3-partition topic (2 stays empty and
 /// must go idle instead of stalling every window).
 pub fn dataset(seed: u64, count: usize) -> Vec<(i32, PlaybackEvent)> {
+    dataset_from(seed, count, GenOptions::default().start_ms)
+}
+
+/// [`dataset`] with sessions starting at `start_ms`.
+pub fn dataset_from(seed: u64, count: usize, start_ms: i64) -> Vec<(i32, PlaybackEvent)> {
     let options = GenOptions {
         seed,
+        start_ms,
         session_interval_ms: 300,
         heartbeat_ms: 10_000,
         max_watch_ms: 180_000,
@@ -99,17 +105,22 @@ pub fn hot_dataset(seed: u64, count: usize) -> Vec<(i32, PlaybackEvent)> {
         .collect()
 }
 
+/// The events of each partition, in the dataset's order.
+pub fn per_partition(events: &[(i32, PlaybackEvent)]) -> BTreeMap<i32, Vec<PlaybackEvent>> {
+    let mut per_partition: BTreeMap<i32, Vec<PlaybackEvent>> = BTreeMap::new();
+    for (p, e) in events {
+        per_partition.entry(*p).or_default().push(e.clone());
+    }
+    per_partition
+}
+
 pub fn expected(events: &[(i32, PlaybackEvent)]) -> Expected {
     expected_with(RULES, events)
 }
 
 /// [`expected`] under other `rules` (e.g. hopping windows).
 pub fn expected_with(rules: Rules, events: &[(i32, PlaybackEvent)]) -> Expected {
-    let mut per_partition: BTreeMap<i32, Vec<PlaybackEvent>> = BTreeMap::new();
-    for (p, e) in events {
-        per_partition.entry(*p).or_default().push(e.clone());
-    }
-    reference::compute(rules, &per_partition)
+    reference::compute(rules, &per_partition(events))
 }
 
 /// Sends records in order, one producer, so each partition keeps the dataset's order.

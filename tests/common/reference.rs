@@ -207,3 +207,67 @@ pub fn compute(rules: Rules, per_partition: &BTreeMap<i32, Vec<PlaybackEvent>>) 
     }
     expected
 }
+
+/// Distinct accounts and profiles of one day and group, and whether the day has closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Daily {
+    pub accounts: usize,
+    pub profiles: usize,
+    pub is_final: bool,
+}
+
+/// DAU by output key `<dimension>/<value>/<day>`: a record is late for its day only when its
+/// partition's watermark has passed the day's end plus `grace` (a record late for its window
+/// usually is not); a day is final once every partition's watermark has.
+pub fn daily(
+    out_of_orderness: i64,
+    grace: i64,
+    per_partition: &BTreeMap<i32, Vec<PlaybackEvent>>,
+) -> BTreeMap<String, Daily> {
+    const DAY: i64 = 86_400_000;
+    let mut sets: BTreeMap<(i64, &str, String), (BTreeSet<&str>, BTreeSet<&str>)> = BTreeMap::new();
+    let mut final_watermark = i64::MIN;
+    for events in per_partition.values() {
+        let mut max_seen: Option<i64> = None;
+        for e in events {
+            let day = e.event_time.div_euclid(DAY) * DAY;
+            let watermark = max_seen.map_or(i64::MIN, |m| m - out_of_orderness);
+            if watermark < day + DAY + grace {
+                for (dimension, value) in [
+                    ("all", "all"),
+                    ("country", e.country.as_str()),
+                    ("device_type", e.device_type.as_str()),
+                ] {
+                    let (accounts, profiles) =
+                        sets.entry((day, dimension, value.to_string())).or_default();
+                    accounts.insert(&e.account_id);
+                    profiles.insert(&e.profile_id);
+                }
+            }
+            max_seen = Some(max_seen.map_or(e.event_time, |m| m.max(e.event_time)));
+        }
+        if let Some(m) = max_seen {
+            final_watermark = final_watermark.max(m - out_of_orderness);
+        }
+    }
+    sets.into_iter()
+        .map(|((day, dimension, value), (accounts, profiles))| {
+            let key = marquee::record::DailyActive {
+                day,
+                dimension: dimension.into(),
+                value,
+                ..Default::default()
+            }
+            .key();
+            let is_final = final_watermark >= day + DAY + grace;
+            (
+                key,
+                Daily {
+                    accounts: accounts.len(),
+                    profiles: profiles.len(),
+                    is_final,
+                },
+            )
+        })
+        .collect()
+}
