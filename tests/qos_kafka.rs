@@ -483,9 +483,7 @@ fn early_results_come_before_and_never_change_the_final_ones() {
 #[test]
 fn qoe_fields_and_daily_active_users_equal_the_reference() {
     use common::qos::{dataset_from, per_partition};
-    use common::reference::{daily, Daily};
-    use marquee::record::DailyActive;
-    use std::collections::BTreeMap;
+    use common::reference::daily;
 
     let brokers = kafka().addr.clone();
     let input = unique("qoe-dau");
@@ -571,54 +569,14 @@ fn qoe_fields_and_daily_active_users_equal_the_reference() {
     assert_eq!(late_event_ids(&late), expected.late);
     std::thread::sleep(Duration::from_secs(3));
     let newest = |t: &marquee::config::Topology| {
-        let records = read_topic(
-            &brokers,
-            &dau_topic(t),
-            want.len(),
-            Duration::from_secs(2),
-            Duration::from_secs(60),
-        );
-        let mut newest: BTreeMap<String, Vec<DailyActive>> = BTreeMap::new();
-        for r in &records {
-            let (_, mut payload) =
-                marquee::io::decode::split_frame(r.value.as_deref().unwrap()).unwrap();
-            let schema =
-                apache_avro::Schema::parse_str(marquee::io::sink::DAILY_ACTIVE_SCHEMA).unwrap();
-            let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
-                .build()
-                .unwrap();
-            let d: DailyActive =
-                apache_avro::from_value(&reader.read_value(&mut payload).unwrap()).unwrap();
-            assert_eq!(r.key_str(), d.key());
-            newest.entry(d.key()).or_default().push(d);
-        }
-        newest
+        common::qos::daily_records(&brokers, &dau_topic(t), want.len())
     };
     let exact_out = newest(&exact);
     let sketch_out = newest(&sketch);
     for r in runs {
         r.stop();
     }
-    let got: BTreeMap<String, Daily> = exact_out
-        .iter()
-        .map(|(k, v)| {
-            let d = v.last().unwrap();
-            assert!(d.exact);
-            let finals = v.iter().filter(|d| d.is_final).count();
-            assert!(
-                finals <= 1 && (finals == 0 || d.is_final),
-                "{k}: one final value, the last"
-            );
-            (
-                k.clone(),
-                Daily {
-                    accounts: d.accounts as usize,
-                    profiles: d.profiles as usize,
-                    is_final: d.is_final,
-                },
-            )
-        })
-        .collect();
+    let got = common::qos::newest_daily(&exact_out);
     assert_eq!(got, want);
     assert!(
         exact_out[&day_before].iter().any(|d| !d.is_final),

@@ -13,8 +13,8 @@ use common::qos::{
     topology, Feeder,
 };
 use common::{
-    broker, free_port, http_get, read_topic, registry, unique, wait_for_first_record, Consumed,
-    Running,
+    broker, free_port, http_get, read_topic, registry, unique, wait_for, wait_for_first_record,
+    Consumed, Running,
 };
 use marquee::config::Topology;
 use marquee::io::decode::frame;
@@ -216,6 +216,8 @@ fn sigkill_and_restart_ends_with_the_same_records() {
             .replace("idle_timeout = \"30s\"", "idle_timeout = \"10s\"")
             .replace("max_future_skew = \"30s\"", "max_future_skew = \"6s\"")
             .replace("window = \"1m\"", "window = \"10s\"")
+            .replace("interval = \"1m\"", "interval = \"1s\"")
+            .replace("\"daily-active\"", &format!("\"{input}-dau\""))
             .replace("grace = \"30s\"", "grace = \"5s\"")
             .replace("# group_id = \"marquee-qos\"", &format!("group_id = \"{input}-g\"\n[source.kafka]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n[time]\n")
             .replacen("[time]\n", "", 1)),
@@ -268,7 +270,19 @@ fn sigkill_and_restart_ends_with_the_same_records() {
     }
     let mut child = spawn();
     let (results, late) = read_outputs(&brokers, &topology, &expected, Duration::from_secs(180));
+    // The day stays open: its newest running value counts every accepted event once.
+    let want = common::reference::daily(2_000, 5_000, &common::qos::per_partition(&events));
+    let dau_topic = format!("{input}-dau");
+    let daily = wait_for("the newest DAU values", Duration::from_secs(30), || {
+        let got = common::qos::newest_daily(&common::qos::daily_records(
+            &brokers,
+            &dau_topic,
+            want.len(),
+        ));
+        (got == want).then_some(got)
+    });
     child.terminate();
+    assert!(daily.values().all(|d| !d.is_final));
 
     assert_results_equal(&results_by_key(&results), &expected.results);
     assert_eq!(

@@ -331,3 +331,57 @@ pub fn alignment_scenario(brokers: &str) {
     );
     assert_eq!(late.len(), expected.late.len());
 }
+
+/// Every DAU record of `topic` (at least `keys` of them), grouped by key in topic order.
+pub fn daily_records(
+    brokers: &str,
+    topic: &str,
+    keys: usize,
+) -> BTreeMap<String, Vec<marquee::record::DailyActive>> {
+    use std::time::Duration;
+    let schema = apache_avro::Schema::parse_str(marquee::io::sink::DAILY_ACTIVE_SCHEMA).unwrap();
+    let records = super::read_topic(
+        brokers,
+        topic,
+        keys,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    );
+    let mut by_key: BTreeMap<String, Vec<marquee::record::DailyActive>> = BTreeMap::new();
+    for r in &records {
+        let (_, mut payload) =
+            marquee::io::decode::split_frame(r.value.as_deref().unwrap()).unwrap();
+        let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
+            .build()
+            .unwrap();
+        let d: marquee::record::DailyActive =
+            apache_avro::from_value(&reader.read_value(&mut payload).unwrap()).unwrap();
+        assert_eq!(r.key_str(), d.key(), "key matches the record");
+        by_key.entry(d.key()).or_default().push(d);
+    }
+    by_key
+}
+
+/// The newest exact DAU value of each key, as the reference states it.
+pub fn newest_daily(
+    records: &BTreeMap<String, Vec<marquee::record::DailyActive>>,
+) -> BTreeMap<String, reference::Daily> {
+    records
+        .iter()
+        .map(|(k, v)| {
+            let d = v.last().expect("a key has records");
+            assert!(d.exact, "{k}: counted exactly");
+            let finals = v.iter().filter(|d| d.is_final).count();
+            assert!(
+                finals <= 1 && (finals == 0 || d.is_final),
+                "{k}: one final value, the last"
+            );
+            let daily = reference::Daily {
+                accounts: d.accounts as usize,
+                profiles: d.profiles as usize,
+                is_final: d.is_final,
+            };
+            (k.clone(), daily)
+        })
+        .collect()
+}
