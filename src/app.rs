@@ -267,7 +267,7 @@ fn task_options(topology: &Topology) -> TaskOptions {
         max_future_skew_ms: time.max_future_skew.as_millis() as i64,
         // Alignment bounds the open windows (and days) while a backlog is read.
         max_drift_ms: (topology.qos.is_some() || topology.dau.is_some())
-            .then(|| time.max_partition_drift.as_millis() as i64),
+            .then_some(time.max_partition_drift.as_millis() as i64),
         late_topic: Some(topology.sink.late_topic.clone()),
         checkpoint_interval: topology.state.checkpoint_interval,
     }

@@ -125,6 +125,11 @@ enum Command {
         /// Override the topology's `max_partition_drift` (e.g. `1m`; `30d` never pauses).
         #[arg(long, value_parser = humantime::parse_duration)]
         max_partition_drift: Option<std::time::Duration>,
+        /// `qos`: the QoS windows alone. `qoe`: QoS windows with the session lifecycle and
+        /// early results, and DAU. `all`: `qoe` and the resume table behind its repartition
+        /// topic.
+        #[arg(long, value_enum, default_value = "qos")]
+        operators: marquee::tools::bench::Operators,
     },
 }
 
@@ -244,12 +249,14 @@ fn main() -> anyhow::Result<()> {
             partitions,
             hot_share,
             max_partition_drift,
+            operators,
         } => {
             let options = marquee::tools::bench::BenchOptions {
                 events,
                 partitions,
                 hot_share,
                 max_partition_drift,
+                operators,
             };
             let report =
                 marquee::tools::bench::run(&brokers, &options).context("benchmark failed")?;

@@ -3,9 +3,10 @@
 use serde::{Deserialize, Serialize};
 
 /// What happened in a playback session (the `EventType` enum of `avro/playback_event.avsc`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum EventType {
+    #[default]
     Start,
     Play,
     Heartbeat,
@@ -20,7 +21,7 @@ pub enum EventType {
 }
 
 /// One client playback event, the input contract (`avro/playback_event.avsc`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlaybackEvent {
     pub event_id: String,
     pub session_id: String,

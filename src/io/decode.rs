@@ -14,7 +14,7 @@ use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::schema_compatibility::SchemaCompatibility;
 use apache_avro::Schema;
 
-use super::event_codec::decode_event;
+use super::event_codec::decode_event_into;
 use crate::error::{DecodeError, RegistryError};
 use crate::io::registry::SchemaRegistry;
 use crate::record::PlaybackEvent;
@@ -101,6 +101,18 @@ impl Decoder {
         key: Option<&[u8]>,
         value: Option<&[u8]>,
     ) -> Result<Result<PlaybackEvent, DecodeError>, RegistryError> {
+        let mut event = PlaybackEvent::default();
+        Ok(self.decode_into(key, value, &mut event)?.map(|()| event))
+    }
+
+    /// [`Decoder::decode`] into `event`, reusing its buffers; after an error it holds a
+    /// partial record.
+    pub fn decode_into(
+        &mut self,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        event: &mut PlaybackEvent,
+    ) -> Result<Result<(), DecodeError>, RegistryError> {
         if key.is_none_or(|k| k.is_empty()) {
             return Ok(Err(DecodeError::MissingKey));
         }
@@ -134,15 +146,16 @@ impl Decoder {
             id,
             message: e.to_string(),
         };
-        let event = match plan {
-            Plan::Direct => decode_event(&mut payload)
+        let decoded = match plan {
+            Plan::Direct => decode_event_into(&mut payload, event)
                 .map_err(|message| DecodeError::BadPayload { id, message }),
             Plan::Resolve(reader) => reader
                 .read_value(&mut payload)
                 .and_then(|v| apache_avro::from_value::<PlaybackEvent>(&v))
+                .map(|resolved| *event = resolved)
                 .map_err(bad),
         };
-        Ok(match event {
+        Ok(match decoded {
             Ok(_) if !payload.is_empty() => Err(DecodeError::BadPayload {
                 id,
                 message: format!("{} trailing bytes after the record", payload.len()),

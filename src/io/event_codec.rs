@@ -24,33 +24,40 @@ const EVENT_TYPES: [EventType; 11] = [
 
 /// Decodes one event from the front of `bytes`, advancing it past the record.
 pub fn decode_event(bytes: &mut &[u8]) -> Result<PlaybackEvent, String> {
+    let mut event = PlaybackEvent::default();
+    decode_event_into(bytes, &mut event)?;
+    Ok(event)
+}
+
+/// [`decode_event`] into `e`, reusing its strings' buffers (the hot path allocates nothing
+/// once they have grown). On an error `e` holds a partial record.
+pub fn decode_event_into(bytes: &mut &[u8], e: &mut PlaybackEvent) -> Result<(), String> {
     let mut r = Reader { bytes };
-    Ok(PlaybackEvent {
-        event_id: r.string("event_id")?,
-        session_id: r.string("session_id")?,
-        account_id: r.string("account_id")?,
-        profile_id: r.string("profile_id")?,
-        device_id: r.string("device_id")?,
-        device_type: r.string("device_type")?,
-        title_id: r.string("title_id")?,
-        country: r.string("country")?,
-        cdn: r.string("cdn")?,
-        event_type: {
-            let index = r.long("event_type")?;
-            usize::try_from(index)
-                .ok()
-                .and_then(|i| EVENT_TYPES.get(i).copied())
-                .ok_or_else(|| format!("event_type: no symbol at index {index}"))?
-        },
-        event_time: r.long("event_time")?,
-        position_ms: r.long("position_ms")?,
-        duration_ms: r.optional("duration_ms", Reader::long)?,
-        play_ms: r.long("play_ms")?,
-        rebuffer_ms: r.long("rebuffer_ms")?,
-        startup_ms: r.optional("startup_ms", Reader::long)?,
-        bitrate_kbps: r.optional("bitrate_kbps", Reader::int)?,
-        error_code: r.optional("error_code", Reader::string)?,
-    })
+    r.string_into("event_id", &mut e.event_id)?;
+    r.string_into("session_id", &mut e.session_id)?;
+    r.string_into("account_id", &mut e.account_id)?;
+    r.string_into("profile_id", &mut e.profile_id)?;
+    r.string_into("device_id", &mut e.device_id)?;
+    r.string_into("device_type", &mut e.device_type)?;
+    r.string_into("title_id", &mut e.title_id)?;
+    r.string_into("country", &mut e.country)?;
+    r.string_into("cdn", &mut e.cdn)?;
+    e.event_type = {
+        let index = r.long("event_type")?;
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| EVENT_TYPES.get(i).copied())
+            .ok_or_else(|| format!("event_type: no symbol at index {index}"))?
+    };
+    e.event_time = r.long("event_time")?;
+    e.position_ms = r.long("position_ms")?;
+    e.duration_ms = r.optional("duration_ms", Reader::long)?;
+    e.play_ms = r.long("play_ms")?;
+    e.rebuffer_ms = r.long("rebuffer_ms")?;
+    e.startup_ms = r.optional("startup_ms", Reader::long)?;
+    e.bitrate_kbps = r.optional("bitrate_kbps", Reader::int)?;
+    e.error_code = r.optional("error_code", Reader::string)?;
+    Ok(())
 }
 
 struct Reader<'a, 'b> {
@@ -88,6 +95,12 @@ impl Reader<'_, '_> {
     }
 
     fn string(&mut self, field: &str) -> Result<String, String> {
+        let mut text = String::new();
+        self.string_into(field, &mut text)?;
+        Ok(text)
+    }
+
+    fn string_into(&mut self, field: &str, out: &mut String) -> Result<(), String> {
         let len = self.long(field)?;
         let len = usize::try_from(len).map_err(|_| format!("{field}: negative length {len}"))?;
         if len > self.bytes.len() {
@@ -98,7 +111,9 @@ impl Reader<'_, '_> {
         }
         let (text, rest) = self.bytes.split_at(len);
         *self.bytes = rest;
-        String::from_utf8(text.to_vec()).map_err(|e| format!("{field}: {e}"))
+        out.clear();
+        out.push_str(std::str::from_utf8(text).map_err(|e| format!("{field}: {e}"))?);
+        Ok(())
     }
 
     /// A `["null", T]` union.

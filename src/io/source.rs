@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,8 @@ pub enum Assignment {
 #[derive(Default)]
 pub struct SourceContext {
     events: Mutex<Vec<Assignment>>,
+    /// Events are waiting: checked on every poll without taking the lock.
+    pending: AtomicBool,
 }
 
 impl ClientContext for SourceContext {
@@ -69,6 +72,7 @@ impl SourceContext {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(event);
+        self.pending.store(true, Ordering::Release);
     }
 }
 
@@ -149,8 +153,17 @@ impl Source {
         self.consumer.poll(timeout)
     }
 
+    /// Whether rebalance events wait for [`Source::take_assignments`].
+    pub fn assignments_changed(&self) -> bool {
+        self.consumer.context().pending.load(Ordering::Acquire)
+    }
+
     /// Rebalance events since the last call.
     pub fn take_assignments(&self) -> Vec<Assignment> {
+        self.consumer
+            .context()
+            .pending
+            .store(false, Ordering::Release);
         std::mem::take(
             &mut *self
                 .consumer

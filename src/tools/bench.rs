@@ -28,6 +28,20 @@ pub struct BenchOptions {
     pub hot_share: Option<f64>,
     /// Watermark alignment's `max_partition_drift`; `None` keeps the topology's.
     pub max_partition_drift: Option<Duration>,
+    /// Which operators run.
+    pub operators: Operators,
+}
+
+/// The operators a benchmark runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Operators {
+    /// The QoS windows alone (no session lifecycle, no DAU).
+    Qos,
+    /// The whole QoE and engagement picture: QoS windows with the session lifecycle
+    /// (attempts, failures, exits, startup percentiles, bitrate) and early results, and DAU.
+    Qoe,
+    /// Every operator: `qoe` and the resume table behind its repartition topic.
+    All,
 }
 
 /// What one benchmark run measured.
@@ -101,6 +115,33 @@ pub fn run(brokers: &str, options: &BenchOptions) -> Result<BenchReport, Pipelin
     topology.sink.dead_letter_topic = format!("{topic}-dead");
     topology.state.dir = state.clone();
     topology.time.idle_timeout = Duration::from_secs(2);
+    let qos = topology
+        .qos
+        .as_mut()
+        .expect("topologies/qos.toml has [qos]");
+    match options.operators {
+        Operators::Qos => {
+            qos.qoe = false;
+            topology.dau = None;
+        }
+        Operators::Qoe | Operators::All => {
+            qos.qoe = true;
+            qos.emit = crate::config::EmitPolicy::Early;
+            if let Some(dau) = topology.dau.as_mut() {
+                dau.topic = format!("{topic}-dau");
+            }
+        }
+    }
+    if options.operators == Operators::All {
+        let mut resume = Topology::parse(
+            include_str!("../../topologies/resume.toml"),
+            Path::new("topologies/resume.toml"),
+        )?
+        .resume
+        .expect("topologies/resume.toml has [resume]");
+        resume.topic = format!("{topic}-resume");
+        topology.resume = Some(resume);
+    }
     if let Some(drift) = options.max_partition_drift {
         topology.time.max_partition_drift = drift;
     }
@@ -147,8 +188,15 @@ pub fn run(brokers: &str, options: &BenchOptions) -> Result<BenchReport, Pipelin
         let (health, shutdown) = (Arc::clone(&health), shutdown.clone());
         std::thread::spawn(move || app::run(&topology, &endpoints, &shutdown, health, None))
     };
+    // With the resume table every event is read twice: from the input and, re-keyed by
+    // profile, from the repartition topic.
+    let reads = if options.operators == Operators::All {
+        2 * events
+    } else {
+        events
+    };
     let mut progress = (0, Instant::now());
-    while health.processed() < events {
+    while health.processed() < reads {
         if pipeline.is_finished() {
             break;
         }
@@ -158,7 +206,7 @@ pub fn run(brokers: &str, options: &BenchOptions) -> Result<BenchReport, Pipelin
         } else if progress.1.elapsed() > STALL {
             shutdown.cancel();
             return Err(PipelineError::Other(format!(
-                "the pipeline handled {processed} of {events} events and then nothing for {STALL:?}"
+                "the pipeline handled {processed} of {reads} records and then nothing for {STALL:?}"
             )));
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -175,7 +223,7 @@ pub fn run(brokers: &str, options: &BenchOptions) -> Result<BenchReport, Pipelin
     let page = crate::metrics::install().render();
     let label = format!("topic=\"{topic}\"");
     Ok(BenchReport {
-        events: health.processed(),
+        events: health.processed() * events / reads,
         pauses: metric_sum(&page, "marquee_partition_pauses_total", &label),
         seeks: metric_sum(&page, "marquee_partition_seeks_total", &label),
         preload_secs,

@@ -225,7 +225,8 @@ pub fn daily(
     per_partition: &BTreeMap<i32, Vec<PlaybackEvent>>,
 ) -> BTreeMap<String, Daily> {
     const DAY: i64 = 86_400_000;
-    let mut sets: BTreeMap<(i64, &str, String), (BTreeSet<&str>, BTreeSet<&str>)> = BTreeMap::new();
+    type Ids<'e> = (BTreeSet<&'e str>, BTreeSet<&'e str>);
+    let mut sets: BTreeMap<(i64, &str, String), Ids<'_>> = BTreeMap::new();
     let mut final_watermark = i64::MIN;
     for events in per_partition.values() {
         let mut max_seen: Option<i64> = None;
