@@ -1,6 +1,8 @@
 //! The per-record hot path: Avro decoding, each operator's update path (tumbling and hopping
-//! windows, the resume table's rule), and a checkpoint of window state.
+//! windows, the session lifecycle, DAU exact and sketched, the resume table's rule), and a
+//! checkpoint of window state.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
@@ -8,7 +10,9 @@ use marquee::config::Dimension;
 use marquee::io::decode::{Decoder, PLAYBACK_EVENT_SCHEMA};
 use marquee::io::registry::MemoryRegistry;
 use marquee::io::sink::AvroEncoder;
+use marquee::daily::DayPartial;
 use marquee::record::PlaybackEvent;
+use marquee::session::Session;
 use marquee::state::Store;
 use marquee::table::{apply, Applied, Entry};
 use marquee::tools::gen::{GenOptions, Generator};
@@ -40,11 +44,16 @@ fn decode(c: &mut Criterion) {
     let mut decoder = Decoder::new(registry);
     let mut group = c.benchmark_group("decode");
     group.throughput(Throughput::Elements(N as u64));
+    // As the runtime does: into one event whose buffers are reused.
+    let mut event = PlaybackEvent::default();
     group.bench_function("confluent_avro_playback_event", |b| {
         b.iter(|| {
             for (key, value) in &values {
-                let event = decoder.decode(Some(key), Some(value)).unwrap().unwrap();
-                std::hint::black_box(event);
+                decoder
+                    .decode_into(Some(key), Some(value), &mut event)
+                    .unwrap()
+                    .unwrap();
+                std::hint::black_box(&event);
             }
         })
     });
@@ -130,5 +139,65 @@ fn flush(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decode, window_update, table_update, flush);
+/// The session lifecycle: each event observed in its session, then every fact decided and
+/// added to its windows (as the QoS operator does when a window closes).
+fn session_update(c: &mut Criterion) {
+    let events = events();
+    let spec = WindowSpec::tumbling(60_000, 30_000);
+    let mut group = c.benchmark_group("session");
+    group.throughput(Throughput::Elements(N as u64));
+    group.bench_function("observe_and_decide", |b| {
+        b.iter_batched(
+            || (HashMap::<String, Session>::new(), PartitionWindows::default()),
+            |(mut sessions, mut windows)| {
+                let mut add = |t, d: &_, f| windows.add_fact(&spec, &DIMS, i64::MIN, (t, d, f));
+                for e in &events {
+                    let session = match sessions.get_mut(&e.session_id) {
+                        Some(s) => s,
+                        None => sessions.entry(e.session_id.clone()).or_default(),
+                    };
+                    session.observe(e, 1_800_000, &mut add);
+                }
+                for session in sessions.values_mut() {
+                    session.decide(i64::MAX, &mut add);
+                }
+                windows
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+/// DAU: each event's account and profile into its day's `all`, country and device groups.
+fn dau_update(c: &mut Criterion) {
+    let events = events();
+    let mut group = c.benchmark_group("dau");
+    group.throughput(Throughput::Elements(N as u64));
+    for (name, exact) in [("add_exact", true), ("add_sketch", false)] {
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                DayPartial::default,
+                |mut day| {
+                    for e in &events {
+                        day.add(e, exact);
+                    }
+                    day
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    decode,
+    window_update,
+    session_update,
+    dau_update,
+    table_update,
+    flush
+);
 criterion_main!(benches);

@@ -208,7 +208,9 @@ impl Operator for QosWindows {
         self.parts.insert(partition, windows);
         if let Some(qoe) = &mut self.qoe {
             let sessions = self.store.load_sessions(partition)?;
-            qoe.horizon = Sessions::horizon(&self.spec, self.closed_through);
+            // Facts before the emitted frontier were decided before the checkpoint.
+            let restored = Sessions::horizon(&self.spec, self.closed_through);
+            qoe.horizon = qoe.horizon.max(restored);
             let map = sessions
                 .into_iter()
                 .map(|(id, s)| (id.into_boxed_str(), (s, false)))

@@ -24,6 +24,46 @@ use crate::table::{apply, Applied};
 /// How often entries past the retention are looked for.
 const RETENTION_SCAN: Duration = Duration::from_secs(60);
 
+/// Entries per generation of the read cache (two generations: at most twice this many).
+const CACHE_GENERATION: usize = 32_768;
+
+/// Recently written entries, so that the next event of a session usually finds its entry
+/// without a RocksDB read and a decode. Two generations: a lookup hit in the older one moves
+/// the entry to the younger; when the younger is full it becomes the older and the oldest
+/// entries are forgotten. Bounded, and always equal to the store for what it holds.
+#[derive(Default)]
+struct EntryCache {
+    young: HashMap<String, (i32, StoredEntry)>,
+    old: HashMap<String, (i32, StoredEntry)>,
+}
+
+impl EntryCache {
+    fn get(&mut self, key: &str) -> Option<&StoredEntry> {
+        if !self.young.contains_key(key) {
+            let (key, value) = self.old.remove_entry(key)?;
+            self.insert(key, value);
+        }
+        self.young.get(key).map(|(_, s)| s)
+    }
+
+    fn insert(&mut self, key: String, value: (i32, StoredEntry)) {
+        if self.young.len() >= CACHE_GENERATION {
+            self.old = std::mem::take(&mut self.young);
+        }
+        self.young.insert(key, value);
+    }
+
+    fn remove(&mut self, key: &str) {
+        self.young.remove(key);
+        self.old.remove(key);
+    }
+
+    fn forget_partition(&mut self, partition: i32) {
+        self.young.retain(|_, (p, _)| *p != partition);
+        self.old.retain(|_, (p, _)| *p != partition);
+    }
+}
+
 /// The resume-table operator.
 pub struct ResumeTable {
     store: Arc<Store>,
@@ -44,6 +84,8 @@ pub struct ResumeTable {
     last_retention_scan: Instant,
     /// Entries expired (tombstones sent) whose deletion the next batch stages.
     expired: Vec<(i32, String, String)>,
+    /// Entries as last written to the store.
+    cache: EntryCache,
 }
 
 impl ResumeTable {
@@ -67,6 +109,7 @@ impl ResumeTable {
             commits: VecDeque::new(),
             last_retention_scan: Instant::now(),
             expired: Vec::new(),
+            cache: EntryCache::default(),
         }
     }
 
@@ -119,6 +162,7 @@ impl Operator for ResumeTable {
 
     fn revoke(&mut self, partition: i32) {
         self.parts.remove(&partition);
+        self.cache.forget_partition(partition);
         self.view.set_owned(partition, false);
     }
 
@@ -134,10 +178,13 @@ impl Operator for ResumeTable {
         let key = crate::table::key_of(event);
         let current = match self.dirty.get(&key) {
             Some((_, stored)) => Some(stored.entry.clone()),
-            None => self
-                .store
-                .table_get(p, &event.profile_id, &event.title_id)?
-                .map(|s| s.entry),
+            None => match self.cache.get(&key) {
+                Some(stored) => Some(stored.entry.clone()),
+                None => self
+                    .store
+                    .table_get(p, &event.profile_id, &event.title_id)?
+                    .map(|s| s.entry),
+            },
         };
         match apply(current.as_ref(), event, self.resume.completion_threshold) {
             Applied::Updated(entry) => {
@@ -173,8 +220,12 @@ impl Operator for ResumeTable {
             .collect();
         for (key, p) in due {
             self.pending.remove(&key);
-            let stored = match self.dirty.get(&key) {
-                Some((_, stored)) => stored.clone(),
+            let cached = match self.dirty.get(&key) {
+                Some((_, stored)) => Some(stored.clone()),
+                None => self.cache.get(&key).cloned(),
+            };
+            let stored = match cached {
+                Some(stored) => stored,
                 None => {
                     let Some((profile, title)) = crate::record::split_resume_key(&key) else {
                         continue;
@@ -210,10 +261,12 @@ impl Operator for ResumeTable {
 
     fn stage(&mut self, batch: &mut WriteBatch) -> Result<(), PipelineError> {
         for (p, profile, title) in self.expired.drain(..) {
+            self.cache.remove(&crate::record::resume_key(&profile, &title));
             self.store.stage_table_delete(batch, p, &profile, &title)?;
         }
-        for (_, (p, stored)) in self.dirty.drain() {
+        for (key, (p, stored)) in self.dirty.drain() {
             self.store.stage_table_put(batch, p, &stored)?;
+            self.cache.insert(key, (p, stored));
         }
         crate::metrics::table_size(self.store.table_len());
         Ok(())
