@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use marquee::config::Dimension;
+use marquee::daily::DayPartial;
 use marquee::io::decode::{Decoder, PLAYBACK_EVENT_SCHEMA};
 use marquee::io::registry::MemoryRegistry;
 use marquee::io::sink::AvroEncoder;
-use marquee::daily::DayPartial;
 use marquee::record::PlaybackEvent;
 use marquee::session::Session;
 use marquee::state::Store;
@@ -148,7 +148,12 @@ fn session_update(c: &mut Criterion) {
     group.throughput(Throughput::Elements(N as u64));
     group.bench_function("observe_and_decide", |b| {
         b.iter_batched(
-            || (HashMap::<String, Session>::new(), PartitionWindows::default()),
+            || {
+                (
+                    HashMap::<String, Session>::new(),
+                    PartitionWindows::default(),
+                )
+            },
             |(mut sessions, mut windows)| {
                 let mut add = |t, d: &_, f| windows.add_fact(&spec, &DIMS, i64::MIN, (t, d, f));
                 for e in &events {
@@ -159,7 +164,7 @@ fn session_update(c: &mut Criterion) {
                     session.observe(e, 1_800_000, &mut add);
                 }
                 for session in sessions.values_mut() {
-                    session.decide(i64::MAX, &mut add);
+                    session.decide(i64::MAX, spec.advance, &mut add);
                 }
                 windows
             },

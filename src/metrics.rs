@@ -307,15 +307,40 @@ fn set_daily_active(r: &DailyActive) {
     gauge!("marquee_daily_active_profiles", &labels).set(r.profiles as f64);
 }
 
-/// One event applied to the resume table (`applied`), or ignored as older than the entry.
-pub fn table_update(applied: bool) {
-    let outcome = if applied { "applied" } else { "out_of_date" };
-    counter!("marquee_table_updates_total", "outcome" => outcome).increment(1);
+/// The resume table's per-event counters, registered once (a lookup per event would cost
+/// more than the update).
+pub struct TableCounters {
+    applied: Counter,
+    out_of_date: Counter,
+    suppressed: Counter,
 }
 
-/// A pending output record was replaced by a newer value before the rate limit let it out.
-pub fn emit_suppressed() {
-    counter!("marquee_table_emits_suppressed_total").increment(1);
+impl Default for TableCounters {
+    fn default() -> Self {
+        Self {
+            applied: counter!("marquee_table_updates_total", "outcome" => "applied"),
+            out_of_date: counter!("marquee_table_updates_total", "outcome" => "out_of_date"),
+            suppressed: counter!("marquee_table_emits_suppressed_total"),
+        }
+    }
+}
+
+impl TableCounters {
+    /// One event applied to the table, or ignored as older than the entry.
+    pub fn update(&self, applied: bool) {
+        if applied {
+            &self.applied
+        } else {
+            &self.out_of_date
+        }
+        .increment(1);
+    }
+
+    /// A pending output record was replaced by a newer value before the rate limit let it
+    /// out.
+    pub fn suppressed(&self) {
+        self.suppressed.increment(1);
+    }
 }
 
 /// Approximate number of entries in the resume table.

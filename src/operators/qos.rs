@@ -169,7 +169,7 @@ impl QosWindows {
             sessions.retain(|id, (session, dirty)| {
                 if !session.settled() {
                     *dirty = true;
-                    session.decide(horizon, &mut |t, d, f| {
+                    session.decide(horizon, spec.advance, &mut |t, d, f| {
                         if early {
                             changed.extend(spec.starts(t));
                         }

@@ -86,6 +86,7 @@ pub struct ResumeTable {
     expired: Vec<(i32, String, String)>,
     /// Entries as last written to the store.
     cache: EntryCache,
+    counters: crate::metrics::TableCounters,
 }
 
 impl ResumeTable {
@@ -110,6 +111,7 @@ impl ResumeTable {
             last_retention_scan: Instant::now(),
             expired: Vec::new(),
             cache: EntryCache::default(),
+            counters: crate::metrics::TableCounters::default(),
         }
     }
 
@@ -188,9 +190,9 @@ impl Operator for ResumeTable {
         };
         match apply(current.as_ref(), event, self.resume.completion_threshold) {
             Applied::Updated(entry) => {
-                crate::metrics::table_update(true);
+                self.counters.update(true);
                 if self.pending.insert(key.clone(), p).is_some() {
-                    crate::metrics::emit_suppressed();
+                    self.counters.suppressed();
                 }
                 let stored = StoredEntry {
                     entry,
@@ -198,7 +200,7 @@ impl Operator for ResumeTable {
                 };
                 self.dirty.insert(key, (p, stored));
             }
-            Applied::OutOfDate => crate::metrics::table_update(false),
+            Applied::OutOfDate => self.counters.update(false),
         }
         Ok(Handled::Applied)
     }
@@ -261,7 +263,8 @@ impl Operator for ResumeTable {
 
     fn stage(&mut self, batch: &mut WriteBatch) -> Result<(), PipelineError> {
         for (p, profile, title) in self.expired.drain(..) {
-            self.cache.remove(&crate::record::resume_key(&profile, &title));
+            self.cache
+                .remove(&crate::record::resume_key(&profile, &title));
             self.store.stage_table_delete(batch, p, &profile, &title)?;
         }
         for (key, (p, stored)) in self.dirty.drain() {
