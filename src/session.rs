@@ -8,6 +8,7 @@
 //! state is keyed by partition and `session_id`; it is forgotten once it has had no event for
 //! the inactivity timeout, and an event after such a gap starts a new session.
 
+use crate::check::{MAX_EVENT_TIME, MIN_EVENT_TIME};
 use crate::config::Dimension;
 use crate::record::{EventType, PlaybackEvent};
 
@@ -393,8 +394,15 @@ impl Session {
             });
         }
         let valid = |d: u16| usize::from(d) < n;
-        let firsts_ok = firsts.iter().flatten().all(|f| f.decided || valid(f.dims));
-        if !r.0.is_empty() || !firsts_ok || !pieces.iter().all(|p| valid(p.dims)) {
+        // Only accepted events are stored: their times pass the bad-data rules.
+        let time = |t: i64| (MIN_EVENT_TIME..MAX_EVENT_TIME).contains(&t);
+        let firsts_ok = firsts
+            .iter()
+            .flatten()
+            .all(|f| time(f.mark.time) && (f.decided || valid(f.dims)));
+        let pieces_ok = pieces.iter().all(|p| time(p.mark.time) && valid(p.dims));
+        let renditions_ok = renditions.iter().all(|(m, _)| time(m.time));
+        if !r.0.is_empty() || !time(last_time) || !firsts_ok || !pieces_ok || !renditions_ok {
             return None;
         }
         let [start, play, error, end] = firsts;
@@ -491,6 +499,8 @@ mod tests {
     use proptest::prelude::*;
 
     const HOUR: i64 = 3_600_000;
+    /// Event times are this plus the tests' times (2026-01-01: within the bad-data rules).
+    const BASE: i64 = 1_767_225_600_000;
     /// The window advance the tests decide with: played time is summed per slice of it.
     const SLICE: i64 = 10_000;
 
@@ -506,10 +516,10 @@ mod tests {
                     bitrate_kbps,
                 } => {
                     *played
-                        .entry((t.div_euclid(SLICE) * SLICE, bitrate_kbps))
+                        .entry((t.div_euclid(SLICE) * SLICE - BASE, bitrate_kbps))
                         .or_default() += play_ms;
                 }
-                other => out.push((t, other)),
+                other => out.push((t - BASE, other)),
             }
         }
         out.extend(played.into_iter().map(|((t, bitrate_kbps), play_ms)| {
@@ -537,7 +547,7 @@ mod tests {
             country: "NL".into(),
             cdn: "akamai".into(),
             event_type: kind,
-            event_time: t,
+            event_time: BASE + t,
             position_ms: 0,
             duration_ms: None,
             play_ms: 0,
@@ -726,6 +736,11 @@ mod tests {
         let mut bytes = Vec::new();
         s.encode(&mut bytes);
         assert_eq!(Session::decode(&bytes[..bytes.len() - 1]), None);
+        // A time no accepted event can have (found by the `session` fuzz target: a fact at
+        // i64::MAX could never be decided).
+        let mut impossible = bytes.clone();
+        impossible[1..9].copy_from_slice(&i64::MAX.to_le_bytes());
+        assert_eq!(Session::decode(&impossible), None);
         bytes.push(0);
         assert_eq!(Session::decode(&bytes), None);
     }

@@ -16,9 +16,9 @@ use crate::config::{Dimension, EmitPolicy, QosConfig};
 use crate::error::PipelineError;
 use crate::io::sink::Output;
 use crate::metrics;
-use crate::record::QosWindow;
+use crate::record::{PlaybackEvent, QosWindow};
 use crate::runtime::{Context, Handled, Operator, Record};
-use crate::session::Session;
+use crate::session::{Dims, Fact, Session};
 use crate::state::PartitionMeta;
 use crate::state::{Store, QOS_FRONTIER};
 use crate::window::{slot, slot_name, PartitionWindows, WindowPartial, WindowSpec};
@@ -73,6 +73,27 @@ impl Sessions {
             .saturating_sub(spec.grace)
             .div_euclid(spec.advance)
             .saturating_mul(spec.advance)
+    }
+
+    /// Adds an on-time event of `partition` to its session. A gap longer than the timeout
+    /// ends the previous session: its remaining facts go to `add` here.
+    fn observe(
+        &mut self,
+        partition: i32,
+        event: &PlaybackEvent,
+        add: &mut impl FnMut(i64, &Dims, Fact),
+    ) {
+        let Some(sessions) = self.parts.get_mut(&partition) else {
+            return;
+        };
+        let (session, dirty) = match sessions.get_mut(event.session_id.as_str()) {
+            Some(entry) => entry,
+            None => sessions
+                .entry(event.session_id.as_str().into())
+                .or_default(),
+        };
+        *dirty = true;
+        session.observe(event, self.timeout, add);
     }
 }
 
@@ -143,9 +164,7 @@ impl QosWindows {
         }
         Ok(emitted)
     }
-}
 
-impl QosWindows {
     /// Decides the session facts that the windows closing at `watermark` need, adds them to
     /// their windows, and drops sessions idle past the timeout.
     fn decide_sessions(&mut self, watermark: i64) {
@@ -247,21 +266,9 @@ impl Operator for QosWindows {
             if self.early_interval.is_some() {
                 self.changed.extend(self.spec.starts(event.event_time));
             }
-            let sessions = self.qoe.as_mut().and_then(|q| {
-                let timeout = q.timeout;
-                q.parts.get_mut(&partition).map(|p| (p, timeout))
-            });
-            if let Some((sessions, timeout)) = sessions {
+            if let Some(qoe) = &mut self.qoe {
                 let (spec, dims, closed) = (&self.spec, &self.dimensions, self.closed_through);
-                let entry = match sessions.get_mut(event.session_id.as_str()) {
-                    Some(entry) => entry,
-                    None => sessions
-                        .entry(event.session_id.as_str().into())
-                        .or_insert_with(|| (Session::default(), true)),
-                };
-                entry.1 = true;
-                // A gap longer than the timeout decides the previous session's facts here.
-                entry.0.observe(event, timeout, &mut |t, d, f| {
+                qoe.observe(partition, event, &mut |t, d, f| {
                     windows.add_fact(spec, dims, closed, (t, d, f))
                 });
             }
