@@ -160,46 +160,74 @@ impl Store {
             .map(i64::from_le_bytes))
     }
 
-    /// Rebuilds the open windows of `partition` from the store.
+    /// Calls `visit` with the key and value of every entry under `prefix` in `cf`, in key
+    /// order.
+    fn scan(
+        &self,
+        cf: &str,
+        prefix: &[u8],
+        mut visit: impl FnMut(&[u8], &[u8]) -> Result<(), StateError>,
+    ) -> Result<(), StateError> {
+        let mode = IteratorMode::From(prefix, Direction::Forward);
+        for item in self.db.iterator_cf(self.cf(cf), mode) {
+            let (key, value) = item?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            visit(&key, &value)?;
+        }
+        Ok(())
+    }
+
+    /// Every group entry (window or day, slot, value) of `partition` in `cf`, its value read
+    /// by `decode` and handed to `put`, which says whether it fits; `expected` says what an
+    /// entry must be when it cannot be read or does not fit.
+    fn scan_groups<T>(
+        &self,
+        cf: &'static str,
+        partition: i32,
+        expected: &str,
+        decode: impl Fn(&[u8]) -> Option<T>,
+        mut put: impl FnMut(keys::GroupKey, T) -> bool,
+    ) -> Result<(), StateError> {
+        self.scan(cf, &keys::partition_prefix(partition), |key, value| {
+            let corrupt = |message: &str| StateError::Corrupt {
+                key: format!("{cf}/{key:?}"),
+                message: message.to_string(),
+            };
+            let group = keys::decode(key).ok_or_else(|| corrupt("undecodable key"))?;
+            let value = decode(value).ok_or_else(|| corrupt(expected))?;
+            if put(group, value) {
+                Ok(())
+            } else {
+                Err(corrupt(expected))
+            }
+        })
+    }
+
+    /// Rebuilds the open windows of `partition` (counters, viewers, QoE) from the store.
     pub fn load_windows(&self, partition: i32) -> Result<PartitionWindows, StateError> {
-        let prefix = keys::partition_prefix(partition);
         let mut windows = PartitionWindows::default();
-        let iter = self.db.iterator_cf(
-            self.cf(CF_WINDOWS),
-            IteratorMode::From(&prefix, Direction::Forward),
-        );
-        for item in iter {
-            let (key, value) = item?;
-            if !key.starts_with(&prefix) {
-                break;
-            }
-            let corrupt = |message: &str| StateError::Corrupt {
-                key: format!("{CF_WINDOWS}/{key:?}"),
-                message: message.to_string(),
-            };
-            let group = keys::decode(&key).ok_or_else(|| corrupt("undecodable key"))?;
-            let agg = decode_group(&value)
-                .ok_or_else(|| corrupt("expected 24 bytes of counters and 8 bytes per viewer"))?;
-            *group_of(&mut windows, group.start, group.slot, &group.value) = agg;
-        }
-        for item in self.db.iterator_cf(
-            self.cf(CF_QOE),
-            IteratorMode::From(&prefix, Direction::Forward),
-        ) {
-            let (key, value) = item?;
-            if !key.starts_with(&prefix) {
-                break;
-            }
-            let corrupt = |message: &str| StateError::Corrupt {
-                key: format!("{CF_QOE}/{key:?}"),
-                message: message.to_string(),
-            };
-            let group = keys::decode(&key).ok_or_else(|| corrupt("undecodable key"))?;
-            let qoe = decode_qoe(&value).ok_or_else(|| {
-                corrupt("expected 48 bytes of counters and a DDSketch in its Java encoding")
-            })?;
-            group_of(&mut windows, group.start, group.slot, &group.value).qoe = qoe;
-        }
+        self.scan_groups(
+            CF_WINDOWS,
+            partition,
+            "expected 24 bytes of counters and 8 bytes per viewer",
+            decode_group,
+            |g, agg| {
+                *group_of(&mut windows, g.start, g.slot, &g.value) = agg;
+                true
+            },
+        )?;
+        self.scan_groups(
+            CF_QOE,
+            partition,
+            "expected 48 bytes of counters and a DDSketch in its Java encoding",
+            decode_qoe,
+            |g, qoe| {
+                group_of(&mut windows, g.start, g.slot, &g.value).qoe = qoe;
+                true
+            },
+        )?;
         Ok(windows)
     }
 
@@ -207,24 +235,18 @@ impl Store {
     pub fn load_sessions(&self, partition: i32) -> Result<Vec<(String, Session)>, StateError> {
         let prefix = keys::partition_prefix(partition);
         let mut sessions = Vec::new();
-        for item in self.db.iterator_cf(
-            self.cf(CF_SESSIONS),
-            IteratorMode::From(&prefix, Direction::Forward),
-        ) {
-            let (key, value) = item?;
-            if !key.starts_with(&prefix) {
-                break;
-            }
+        self.scan(CF_SESSIONS, &prefix, |key, value| {
             let corrupt = |message: &str| StateError::Corrupt {
-                key: format!("{CF_SESSIONS}/{}", String::from_utf8_lossy(&key)),
+                key: format!("{CF_SESSIONS}/{}", String::from_utf8_lossy(key)),
                 message: message.to_string(),
             };
             let id = std::str::from_utf8(&key[prefix.len()..])
                 .map_err(|_| corrupt("the session id is not UTF-8"))?;
-            let session = Session::decode(&value)
+            let session = Session::decode(value)
                 .ok_or_else(|| corrupt("undecodable session state (version 1 expected)"))?;
             sessions.push((id.to_string(), session));
-        }
+            Ok(())
+        })?;
         Ok(sessions)
     }
 
@@ -307,28 +329,25 @@ impl Store {
 
     /// The open days of `partition` of the DAU store.
     pub fn load_days(&self, partition: i32) -> Result<BTreeMap<i64, DayPartial>, StateError> {
-        let prefix = keys::partition_prefix(partition);
         let mut days: BTreeMap<i64, DayPartial> = BTreeMap::new();
-        let iter = self.db.iterator_cf(
-            self.cf(CF_DAILY),
-            IteratorMode::From(&prefix, Direction::Forward),
-        );
-        for item in iter {
-            let (key, value) = item?;
-            if !key.starts_with(&prefix) {
-                break;
-            }
-            let corrupt = |message: &str| StateError::Corrupt {
-                key: format!("{CF_DAILY}/{key:?}"),
-                message: message.to_string(),
-            };
-            let group = keys::decode(&key).ok_or_else(|| corrupt("undecodable key"))?;
-            let active = Active::decode(&value)
-                .filter(|_| usize::from(group.slot) < daily::DIMENSIONS.len())
-                .ok_or_else(|| corrupt("expected exact id hashes or two sketches"))?;
-            days.entry(group.start).or_default().groups[usize::from(group.slot)]
-                .insert(group.value.into_boxed_str(), active);
-        }
+        self.scan_groups(
+            CF_DAILY,
+            partition,
+            "expected exact id hashes or two sketches, in a known slot",
+            Active::decode,
+            |g, active| {
+                let Some(groups) = days
+                    .entry(g.start)
+                    .or_default()
+                    .groups
+                    .get_mut(usize::from(g.slot))
+                else {
+                    return false;
+                };
+                groups.insert(g.value.into_boxed_str(), active);
+                true
+            },
+        )?;
         Ok(days)
     }
 
@@ -421,14 +440,10 @@ impl Store {
 
     fn table_scan(&self, prefix: &[u8]) -> Result<Vec<StoredEntry>, StateError> {
         let mut out = Vec::new();
-        let mode = IteratorMode::From(prefix, Direction::Forward);
-        for item in self.db.iterator_cf(self.cf(CF_RESUME), mode) {
-            let (key, value) = item?;
-            if !key.starts_with(prefix) {
-                break;
-            }
-            out.push(decode_entry(&key, &value)?);
-        }
+        self.scan(CF_RESUME, prefix, |key, value| {
+            out.push(decode_entry(key, value)?);
+            Ok(())
+        })?;
         Ok(out)
     }
 
@@ -717,6 +732,7 @@ mod tests {
     use super::*;
     use crate::config::Dimension;
     use crate::record::{EventType, PlaybackEvent};
+    use crate::session::{Dims, Fact};
     use crate::window::WindowSpec;
     use proptest::prelude::*;
 
@@ -799,8 +815,14 @@ mod tests {
             let dims = [Dimension::Country, Dimension::DeviceType];
             let mut model = PartitionWindows::default();
             let mut other = PartitionWindows::default();
+            let mut days = BTreeMap::<i64, DayPartial>::new();
+            let facts = [Fact::Attempt, Fact::StartFailure, Fact::ExitBeforeStart, Fact::Startup(Some(700)), Fact::Played { play_ms: 900, bitrate_kbps: 3_000 }];
             for (i, (t, checkpoint, close)) in times.into_iter().enumerate() {
-                model.add(&spec, &dims, &event(i as u32, t));
+                let e = event(i as u32, t);
+                model.add(&spec, &dims, &e);
+                let group = Dims { cdn: e.cdn.as_str().into(), country: e.country.as_str().into(), device_type: e.device_type.as_str().into(), title_id: e.title_id.as_str().into() };
+                model.add_fact(&spec, &dims, i64::MIN, (t, &group, facts[i % facts.len()]));
+                days.entry(t / 50_000).or_default().add(&e, i % 2 == 0);
                 other.add(&spec, &dims, &event(i as u32 + 1, t));
                 if close {
                     let mut batch = WriteBatch::default();
@@ -813,20 +835,24 @@ mod tests {
                     let mut batch = WriteBatch::default();
                     store.stage_windows(&mut batch, 7, &mut model);
                     store.stage_windows(&mut batch, 8, &mut other);
+                    store.stage_days(&mut batch, 7, &mut days);
                     store.stage_meta(&mut batch, "qos", 7, PartitionMeta { next_offset: i as i64, max_event_time: Some(t) });
                     store.commit(batch).unwrap();
                 }
             }
             let mut batch = WriteBatch::default();
             store.stage_windows(&mut batch, 7, &mut model);
+            store.stage_days(&mut batch, 7, &mut days);
             store.commit(batch).unwrap();
             let restored = store.load_windows(7).unwrap();
             let strip = |w: &PartitionWindows| {
                 let mut w = w.clone();
-                for p in w.windows.values_mut() { for g in p.groups.iter_mut() { for a in g.values_mut() { a.unsaved = Default::default(); } } }
+                for p in w.windows.values_mut() { for g in p.groups.iter_mut() { for a in g.values_mut() { a.unsaved = Default::default(); a.qoe.changed = false; } } }
                 w
             };
             prop_assert_eq!(strip(&restored), strip(&model));
+            let results = |d: &BTreeMap<i64, DayPartial>| d.iter().flat_map(|(day, p)| p.results(*day, false)).collect::<Vec<_>>();
+            prop_assert_eq!(results(&store.load_days(7).unwrap()), results(&days));
         }
     }
 
