@@ -212,9 +212,11 @@ impl Session {
     /// of consecutive events in the same `slice` of event time (the window advance: the same
     /// windows), group values and rendition is passed as one fact.
     pub fn decide(&mut self, horizon: i64, slice: i64, emit: &mut impl FnMut(i64, &Dims, Fact)) {
-        let play = self.play.map(|p| p.mark);
-        let error = self.error.map(|e| e.mark);
-        let before = |first: Option<Mark>, mark: Mark| first.is_some_and(|f| f < mark);
+        // "Before" compares event times: an ERROR at the same millisecond as the first PLAY
+        // is not before it, nor is an ERROR at the same millisecond as an END.
+        let play = self.play.map(|p| p.mark.time);
+        let error = self.error.map(|e| e.mark.time);
+        let after = |first: Option<i64>, t: i64| first.is_none_or(|f| f > t);
         let dims = &self.dims;
         let mut settle = |slot: &mut Option<First>, fact: &dyn Fn(&First) -> Option<Fact>| {
             if let Some(first) = slot
@@ -229,10 +231,11 @@ impl Session {
         };
         settle(&mut self.start, &|_| Some(Fact::Attempt));
         settle(&mut self.error, &|e| {
-            (!before(play, e.mark)).then_some(Fact::StartFailure)
+            after(play, e.mark.time).then_some(Fact::StartFailure)
         });
         settle(&mut self.end, &|e| {
-            (!before(play, e.mark) && !before(error, e.mark)).then_some(Fact::ExitBeforeStart)
+            let t = e.mark.time;
+            (after(play, t) && error.is_none_or(|x| x >= t)).then_some(Fact::ExitBeforeStart)
         });
         settle(&mut self.play, &|p| Some(Fact::Startup(p.startup_ms)));
         let renditions = &self.renditions;
@@ -251,7 +254,8 @@ impl Session {
             if piece.mark.time >= horizon {
                 return true;
             }
-            let current = renditions.partition_point(|(m, _)| *m <= piece.mark);
+            // At or before it by event time: a rendition of the same millisecond counts.
+            let current = renditions.partition_point(|(m, _)| m.time <= piece.mark.time);
             if let Some(&(_, kbps)) = current.checked_sub(1).map(|i| &renditions[i]) {
                 let at = piece.mark.time.div_euclid(slice);
                 match &mut run {
@@ -592,29 +596,39 @@ mod tests {
         let mut sorted: Vec<_> = events.to_vec();
         sorted.sort_by_key(Mark::of);
         let first = |k: EventType| sorted.iter().find(|e| e.event_type == k);
-        let mark = |e: Option<&PlaybackEvent>| e.map(Mark::of);
-        let (play, error) = (mark(first(EventType::Play)), mark(first(EventType::Error)));
-        let before = |a: Option<Mark>, b: Mark| a.is_some_and(|a| a < b);
+        let times = |k: EventType| {
+            sorted
+                .iter()
+                .filter(move |e| e.event_type == k)
+                .map(|e| e.event_time)
+        };
         let mut facts = Vec::new();
         if let Some(s) = first(EventType::Start) {
             facts.push((s.event_time, Fact::Attempt));
         }
-        if let Some(e) = first(EventType::Error).filter(|e| !before(play, Mark::of(e))) {
+        // DESIGN.md: an ERROR before any PLAY; an END before any PLAY, with no ERROR before it.
+        if let Some(e) =
+            first(EventType::Error).filter(|e| times(EventType::Play).all(|p| e.event_time < p))
+        {
             facts.push((e.event_time, Fact::StartFailure));
         }
-        if let Some(e) = first(EventType::End)
-            .filter(|e| !before(play, Mark::of(e)) && !before(error, Mark::of(e)))
-        {
+        if let Some(e) = first(EventType::End).filter(|e| {
+            times(EventType::Play).all(|p| e.event_time < p)
+                && !times(EventType::Error).any(|x| x < e.event_time)
+        }) {
             facts.push((e.event_time, Fact::ExitBeforeStart));
         }
         if let Some(p) = first(EventType::Play) {
             facts.push((p.event_time, Fact::Startup(p.startup_ms)));
         }
-        let mut rendition = None;
         for e in &sorted {
-            if matches!(e.event_type, EventType::Play | EventType::BitrateChange) {
-                rendition = e.bitrate_kbps.or(rendition);
-            }
+            // The newest PLAY or BITRATE_CHANGE with a bitrate at or before it by event time.
+            let rendition = sorted
+                .iter()
+                .filter(|r| matches!(r.event_type, EventType::Play | EventType::BitrateChange))
+                .filter(|r| r.bitrate_kbps.is_some() && r.event_time <= e.event_time)
+                .max_by_key(|r| Mark::of(r))
+                .and_then(|r| r.bitrate_kbps);
             if let (true, Some(bitrate_kbps)) = (e.play_ms > 0, rendition) {
                 facts.push((
                     e.event_time,
@@ -647,6 +661,50 @@ mod tests {
                 (3_000, Fact::Startup(Some(800)))
             ],
             "an END after an ERROR is not an exit before start"
+        );
+    }
+
+    #[test]
+    fn events_of_the_same_millisecond_are_not_before_each_other() {
+        let play = with(ev(1, 1_000, EventType::Play), 0, Some(3_000), Some(400));
+        let facts = run(&[ev(0, 1_000, EventType::Error), play.clone()], &[]);
+        assert_eq!(
+            facts,
+            vec![(1_000, Fact::Startup(Some(400)))],
+            "an ERROR with the first PLAY is no start failure"
+        );
+        let facts = run(
+            &[ev(2, 1_000, EventType::End), ev(3, 1_000, EventType::Error)],
+            &[],
+        );
+        assert_eq!(
+            facts,
+            vec![(1_000, Fact::ExitBeforeStart), (1_000, Fact::StartFailure)],
+            "an ERROR of the same millisecond is not before the END"
+        );
+        let beat = with(ev(4, 1_000, EventType::Heartbeat), 700, None, None);
+        let switch = with(ev(5, 1_000, EventType::BitrateChange), 0, Some(6_000), None);
+        let played: Vec<_> = run(
+            &[
+                with(ev(6, 0, EventType::Play), 0, Some(3_000), None),
+                beat,
+                switch,
+            ],
+            &[],
+        )
+        .into_iter()
+        .filter(|(_, f)| matches!(f, Fact::Played { .. }))
+        .collect();
+        assert_eq!(
+            played,
+            vec![(
+                0,
+                Fact::Played {
+                    play_ms: 700,
+                    bitrate_kbps: 6_000
+                }
+            )],
+            "a rendition at the same millisecond is at or before the event"
         );
     }
 
@@ -757,7 +815,7 @@ mod tests {
         ];
         (
             0usize..kinds.len(),
-            0i64..60_000,
+            (0i64..60).prop_map(|s| s * 1_000), // many events share a millisecond
             0i64..5_000,
             prop::option::of(1i32..10_000),
             prop::option::of(0i64..20_000),

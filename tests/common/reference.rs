@@ -5,13 +5,14 @@
 //! start every `advance`). Results hold for every window that closes
 //! once all partitions have gone idle (the operator watermark is then the largest one).
 //!
-//! The QoE fields follow DESIGN.md's definitions over each session's accepted events sorted
-//! by event time (ties by the stable hash of event_id): its first START is an attempt; its
-//! first ERROR is a start failure unless a PLAY came first; its first END is an exit before
-//! start unless a PLAY or ERROR came first; its first PLAY's startup_ms joins the startup
-//! times; every event's play_ms is played at the bitrate of the newest PLAY or
-//! BITRATE_CHANGE with a bitrate at or before it. Each counts in the windows containing the
-//! time of the event it comes from, in that event's groups.
+//! The QoE fields follow DESIGN.md's definitions over each session's accepted events, by
+//! event time: its first START is an attempt; its first ERROR is a start failure unless a PLAY
+//! came at or before it; its first END is an exit before start unless a PLAY came at or
+//! before it or an ERROR before it; its first PLAY's startup_ms joins the startup times
+//! (the first of one millisecond by the stable hash of event_id); every event's play_ms is
+//! played at the bitrate of the newest PLAY or BITRATE_CHANGE with a bitrate at or before it.
+//! Each counts in the windows containing the time of the event it comes from, in that
+//! event's groups.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -37,32 +38,43 @@ fn contributions<'e>(accepted: &[&'e PlaybackEvent]) -> Vec<(&'e PlaybackEvent, 
     let mut out = Vec::new();
     for (_, mut events) in sessions {
         events.sort_by_key(|e| (e.event_time, stable_hash(&e.event_id)));
-        let position = |kind: EventType| events.iter().position(|e| e.event_type == kind);
-        let (play, error, end) = (
-            position(EventType::Play),
-            position(EventType::Error),
-            position(EventType::End),
-        );
-        let before = |a: Option<usize>, b: usize| a.is_some_and(|a| a < b);
-        if let Some(i) = position(EventType::Start) {
-            out.push((events[i], Contribution::Attempt));
+        let first = |kind: EventType| events.iter().find(|e| e.event_type == kind).copied();
+        let times = |kind: EventType| {
+            events
+                .iter()
+                .filter(move |e| e.event_type == kind)
+                .map(|e| e.event_time)
+        };
+        if let Some(e) = first(EventType::Start) {
+            out.push((e, Contribution::Attempt));
         }
-        if let Some(i) = error.filter(|i| !before(play, *i)) {
-            out.push((events[i], Contribution::Failure));
-        }
-        if let Some(i) = end.filter(|i| !before(play, *i) && !before(error, *i)) {
-            out.push((events[i], Contribution::Exit));
-        }
-        if let Some(ms) = play.and_then(|i| events[i].startup_ms) {
-            out.push((events[play.unwrap()], Contribution::Startup(ms)));
-        }
-        let mut bitrate = None;
-        for e in &events {
-            if matches!(e.event_type, EventType::Play | EventType::BitrateChange) {
-                bitrate = e.bitrate_kbps.map(i64::from).or(bitrate);
+        // Before = an earlier event time: events of one millisecond are not before each other.
+        if let Some(e) = first(EventType::Error) {
+            if times(EventType::Play).all(|p| e.event_time < p) {
+                out.push((e, Contribution::Failure));
             }
+        }
+        if let Some(e) = first(EventType::End) {
+            let no_play = times(EventType::Play).all(|p| e.event_time < p);
+            if no_play && !times(EventType::Error).any(|x| x < e.event_time) {
+                out.push((e, Contribution::Exit));
+            }
+        }
+        if let Some(e) = first(EventType::Play) {
+            if let Some(ms) = e.startup_ms {
+                out.push((e, Contribution::Startup(ms)));
+            }
+        }
+        for e in &events {
+            // The newest PLAY or BITRATE_CHANGE with a bitrate at or before it.
+            let bitrate = events
+                .iter()
+                .filter(|r| matches!(r.event_type, EventType::Play | EventType::BitrateChange))
+                .filter(|r| r.bitrate_kbps.is_some() && r.event_time <= e.event_time)
+                .max_by_key(|r| (r.event_time, stable_hash(&r.event_id)))
+                .and_then(|r| r.bitrate_kbps);
             if let (true, Some(kbps)) = (e.play_ms > 0, bitrate) {
-                out.push((e, Contribution::Played(kbps, e.play_ms)));
+                out.push((e, Contribution::Played(i64::from(kbps), e.play_ms)));
             }
         }
     }
