@@ -137,26 +137,42 @@ fn java() -> PathBuf {
 }
 
 fn server_properties(data: &Path, port: u16, controller_port: u16) -> String {
+    let quorum = format!("controller.quorum.bootstrap.servers=127.0.0.1:{controller_port}");
+    node_properties(1, data, port, controller_port, &quorum, 1)
+}
+
+/// One node (broker and controller) of a cluster of `replicas` nodes whose controller quorum
+/// is `quorum` (a `controller.quorum.*` line).
+fn node_properties(
+    id: u32,
+    data: &Path,
+    port: u16,
+    controller_port: u16,
+    quorum: &str,
+    replicas: u32,
+) -> String {
+    let min_isr = if replicas >= 3 { 2 } else { 1 };
     format!(
         "process.roles=broker,controller
-node.id=1
+node.id={id}
 listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
 advertised.listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
 inter.broker.listener.name=PLAINTEXT
 controller.listener.names=CONTROLLER
-controller.quorum.bootstrap.servers=127.0.0.1:{controller_port}
+{quorum}
 log.dirs={data}
 num.partitions=1
 # Kafka's default, on purpose: Marquee must create its topics with the configured partition
 # count even where a metadata request would auto-create them with num.partitions.
 auto.create.topics.enable=true
-# One node: every internal topic has a single replica.
-offsets.topic.replication.factor=1
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
+default.replication.factor={replicas}
+min.insync.replicas={min_isr}
+offsets.topic.replication.factor={replicas}
+transaction.state.log.replication.factor={replicas}
+transaction.state.log.min.isr={min_isr}
+share.coordinator.state.topic.replication.factor={replicas}
+share.coordinator.state.topic.min.isr={min_isr}
 # Consumer groups form at once instead of waiting 3s for more members.
 group.initial.rebalance.delay.ms=0
 ",
@@ -254,6 +270,180 @@ fn remove_stale_dirs() {
             && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
         if gone {
             let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// A three-node Apache Kafka cluster (each node a broker and a KRaft controller; replication
+/// factor 3, `min.insync.replicas=2`) for fault tests: a node can be stopped and started
+/// again on the same ports and data.
+pub struct Cluster {
+    /// Bootstrap servers of all three nodes.
+    pub bootstrap: String,
+    nodes: Vec<Node>,
+}
+
+struct Node {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Cluster {
+    /// Starts three fresh nodes and returns once every one serves metadata.
+    pub fn start() -> Cluster {
+        super::init_logging();
+        let libs = kafka_libs();
+        remove_stale_dirs();
+        let ports: Vec<(u16, u16)> = (0..3)
+            .map(|_| (super::free_port(), super::free_port()))
+            .collect();
+        let voters = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, c))| format!("{}@127.0.0.1:{c}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let quorum = format!("controller.quorum.voters={voters}");
+        let id = cluster_id();
+        let mut nodes = Vec::new();
+        for (i, (port, controller)) in ports.iter().enumerate() {
+            let dir = tempfile::Builder::new()
+                .prefix(&format!("{DIR_PREFIX}{}-", std::process::id()))
+                .tempdir()
+                .expect("a temporary directory for a Kafka node")
+                .keep();
+            let properties = node_properties(
+                i as u32 + 1,
+                &dir.join("data"),
+                *port,
+                *controller,
+                &quorum,
+                3,
+            );
+            std::fs::write(dir.join("server.properties"), properties)
+                .expect("write server.properties");
+            std::fs::write(dir.join("log4j2.properties"), LOG4J2).expect("write log4j2.properties");
+            let format = Command::new(java())
+                .args(JVM_FLAGS)
+                .arg(format!(
+                    "-Dlog4j2.configurationFile={}",
+                    dir.join("log4j2.properties").display()
+                ))
+                .args([
+                    "-cp",
+                    &format!("{}/*", libs.display()),
+                    "kafka.tools.StorageTool",
+                    "format",
+                ])
+                .args(["--cluster-id", &id, "--config"])
+                .arg(dir.join("server.properties"))
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run java to format Kafka's storage: {e}"));
+            assert!(
+                format.status.success(),
+                "formatting node {}'s storage failed: {}",
+                i + 1,
+                String::from_utf8_lossy(&format.stderr)
+            );
+            nodes.push(Node {
+                port: *port,
+                dir,
+                child: None,
+            });
+        }
+        let bootstrap = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Cluster { bootstrap, nodes };
+        // The controllers need a quorum: start all three before waiting for any.
+        for i in 0..3 {
+            cluster.spawn(i);
+        }
+        for i in 0..3 {
+            cluster.wait(i);
+        }
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let libs = kafka_libs();
+        let node = &mut self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.dir.join("kafka.log"))
+            .expect("open kafka.log");
+        let mut command = Command::new(java());
+        command
+            .args(JVM_FLAGS)
+            .arg(format!(
+                "-Dlog4j2.configurationFile={}",
+                node.dir.join("log4j2.properties").display()
+            ))
+            .args(["-cp", &format!("{}/*", libs.display()), "kafka.Kafka"])
+            .arg(node.dir.join("server.properties"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("kafka.log handle"))
+            .stderr(log);
+        node.child = Some(
+            super::spawn_tied_to_test_process(command)
+                .unwrap_or_else(|e| panic!("cannot start java for Kafka: {e}")),
+        );
+    }
+
+    fn wait(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        let addr = format!("127.0.0.1:{}", node.port);
+        let child = node.child.as_mut().expect("the node was started");
+        if let Err(why) = wait_until_serving(&addr, child) {
+            panic!(
+                "Kafka node {} did not serve metadata on {addr}: {why}\nlast lines of its log:\n{}",
+                i + 1,
+                tail(&node.dir.join("kafka.log"), 40)
+            );
+        }
+    }
+
+    /// The index (0..3) of the node that leads `partition` of `topic`.
+    pub fn leader(&self, topic: &str, partition: i32) -> usize {
+        let client: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .create()
+            .expect("metadata client");
+        let metadata = client
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .expect("topic metadata");
+        let leader = metadata.topics()[0]
+            .partitions()
+            .iter()
+            .find(|p| p.id() == partition)
+            .expect("the partition exists")
+            .leader();
+        (leader - 1) as usize
+    }
+
+    /// Kills node `i` (SIGKILL: a crash, not a clean shutdown).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts node `i` again on its ports and data, and waits until it serves.
+    pub fn restart(&mut self, i: usize) {
+        self.spawn(i);
+        self.wait(i);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
         }
     }
 }

@@ -353,6 +353,10 @@ pub fn wait_for_first_record(brokers: &str, topic: &str) {
         &format!("the first record in {topic}"),
         Duration::from_secs(60),
         || {
+            // The instance creates its outputs as it starts (slowly on a fresh cluster).
+            if !topic_exists(brokers, topic) {
+                return None;
+            }
             let seen = read_topic(
                 brokers,
                 topic,
@@ -363,6 +367,24 @@ pub fn wait_for_first_record(brokers: &str, topic: &str) {
             (!seen.is_empty()).then_some(())
         },
     );
+}
+
+/// Whether the metadata of `topic` lists partitions.
+pub fn topic_exists(brokers: &str, topic: &str) -> bool {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("allow.auto.create.topics", "false")
+        .create()
+        .expect("metadata client");
+    consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(5))
+        .ok()
+        .and_then(|m| {
+            m.topics()
+                .first()
+                .map(|t| t.error().is_none() && !t.partitions().is_empty())
+        })
+        .unwrap_or(false)
 }
 
 /// Sum of the samples of metric `name` whose labels contain `label` (for example
