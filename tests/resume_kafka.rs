@@ -1,4 +1,4 @@
-//! The resume-position table on a real broker: the compacted topic and the HTTP API hold the
+//! The resume-position table on Apache Kafka 4.4: the compacted topic and the HTTP API hold the
 //! newest position per profile and title despite disorder; a SIGKILLed instance restarted on a
 //! wiped state directory restores the same table from the topic; a restart on an existing
 //! directory re-emits nothing; completed titles leave the continue-watching row.
@@ -10,10 +10,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use common::kafka::kafka;
 use common::resume::expected_positions as expected;
-use common::{
-    broker, free_port, http_get, read_topic, registry, unique, wait_for, wait_ready, KillOnDrop,
-};
+use common::{free_port, http_get, read_topic, registry, unique, wait_for, wait_ready, KillOnDrop};
 use marquee::io::registry::HttpRegistry;
 use marquee::record::{PlaybackEvent, ResumePosition};
 use marquee::tools::gen::{GenOptions, Generator, Publisher};
@@ -50,7 +49,7 @@ fn spawn(file: &Path, http: &str) -> KillOnDrop {
             "run",
             file.to_str().unwrap(),
             "--brokers",
-            &broker().addr,
+            &kafka().addr,
             "--registry",
             &registry().url(),
         ])
@@ -110,7 +109,7 @@ fn http_matches(http: &str, expected: &BTreeMap<String, ResumePosition>) -> Resu
 
 /// Latest value per key in the compacted topic (tombstones remove).
 fn topic_table(topic: &str, at_least: usize) -> BTreeMap<String, ResumePosition> {
-    common::resume::topic_table(&broker().addr, topic, at_least)
+    common::resume::topic_table(&kafka().addr, topic, at_least)
 }
 
 /// The value of one unlabelled-or-fully-labelled series in a Prometheus text page.
@@ -125,7 +124,7 @@ fn metric(page: &str, series: &str) -> f64 {
 fn topic_config(topic: &str, name: &str) -> Option<String> {
     use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
     let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &broker().addr)
+        .set("bootstrap.servers", &kafka().addr)
         .create()
         .unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -141,7 +140,7 @@ fn topic_config(topic: &str, name: &str) -> Option<String> {
 
 #[test]
 fn resume_table_survives_disorder_sigkill_and_a_wiped_state_directory() {
-    let brokers = broker().addr.clone();
+    let brokers = kafka().addr.clone();
     let input = unique("resume-events");
     common::create_topic(&brokers, &input, 3);
     let dir = tempfile::tempdir().unwrap();
@@ -334,7 +333,7 @@ fn resume_table_survives_disorder_sigkill_and_a_wiped_state_directory() {
 /// Number of records in `topic` (at least `at_least`, once it stops growing).
 fn topic_len(topic: &str, at_least: usize) -> usize {
     read_topic(
-        &broker().addr,
+        &kafka().addr,
         topic,
         at_least,
         Duration::from_millis(500),
@@ -348,7 +347,7 @@ fn topic_len(topic: &str, at_least: usize) -> usize {
 /// missing.
 #[test]
 fn a_restore_that_cannot_finish_fails_the_instance() {
-    let brokers = broker().addr.clone();
+    let brokers = kafka().addr.clone();
     let input = unique("resume-timeout");
     common::create_topic(&brokers, &input, 3);
     let dir = tempfile::tempdir().unwrap();
