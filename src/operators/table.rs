@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rocksdb::WriteBatch;
+use rustc_hash::FxHashMap;
 
 use crate::config::ResumeConfig;
 use crate::error::PipelineError;
@@ -33,8 +34,8 @@ const CACHE_GENERATION: usize = 32_768;
 /// entries are forgotten. Bounded, and always equal to the store for what it holds.
 #[derive(Default)]
 struct EntryCache {
-    young: HashMap<String, (i32, StoredEntry)>,
-    old: HashMap<String, (i32, StoredEntry)>,
+    young: FxHashMap<String, (i32, StoredEntry)>,
+    old: FxHashMap<String, (i32, StoredEntry)>,
 }
 
 impl EntryCache {
@@ -74,7 +75,7 @@ pub struct ResumeTable {
     /// Largest event time applied per owned partition: the retention clock.
     parts: BTreeMap<i32, Option<i64>>,
     /// Entries changed since the last checkpoint, by key.
-    dirty: HashMap<String, (i32, StoredEntry)>,
+    dirty: FxHashMap<String, (i32, StoredEntry)>,
     /// Changed entries whose output record is owed, by key, with their partition.
     pending: BTreeMap<String, i32>,
     /// When each recently emitted key was last emitted (the rate limit).
@@ -104,7 +105,7 @@ impl ResumeTable {
             output,
             checkpoint_interval,
             parts: BTreeMap::new(),
-            dirty: HashMap::new(),
+            dirty: FxHashMap::default(),
             pending: BTreeMap::new(),
             last_emit: HashMap::new(),
             commits: VecDeque::new(),
