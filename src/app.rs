@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ResumeConfig, Topology};
+use crate::config::{Guarantee, ResumeConfig, Topology};
 use crate::error::PipelineError;
 use crate::io::decode::Decoder;
 use crate::io::registry::{HttpRegistry, SchemaRegistry};
@@ -20,7 +20,7 @@ use crate::operators::qos::{QosWindows, ResultHook};
 use crate::operators::repartition::Repartition;
 use crate::operators::table::ResumeTable;
 use crate::resume::{self, TableView, RESUME_POSITION_SCHEMA};
-use crate::runtime::{Operator, Task, TaskOptions};
+use crate::runtime::{Operator, Task, TaskOptions, Transactions};
 use crate::serve::http::{self, Health};
 use crate::state::Store;
 
@@ -101,7 +101,11 @@ fn run_operators(
         .map(|r| r.repartition_topic(&topology.name));
     ensure_topics(
         &producer,
-        &output_topics(topology, repartition_topic.as_deref()),
+        &output_topics(
+            topology,
+            repartition_topic.as_deref(),
+            marker_topic(topology).as_deref(),
+        ),
     )?;
     let resume = topology.resume.as_ref().zip(table);
     // The table reads the input itself when the input is already keyed by profile.
@@ -169,6 +173,7 @@ fn run_operators(
                     legacy_name: None,
                     max_drift_ms: None,
                     late_topic: None,
+                    transactions: None,
                     ..task_options(topology)
                 };
                 let group = format!("{}-resume", topology.group_id());
@@ -223,6 +228,7 @@ fn join_task(
 fn output_topics<'a>(
     topology: &'a Topology,
     repartition_topic: Option<&'a str>,
+    marker_topic: Option<&'a str>,
 ) -> Vec<TopicSpec<'a>> {
     let sink = &topology.sink;
     let mut topics = vec![topic_spec(
@@ -245,6 +251,9 @@ fn output_topics<'a>(
     }
     if topology.qos.is_some() || topology.dau.is_some() {
         topics.push(topic_spec(topology, &sink.late_topic, sink.partitions, &[]));
+    }
+    if let Some(marker) = marker_topic {
+        topics.push(topic_spec(topology, marker, Some(1), COMPACTED));
     }
     if let Some(resume) = &topology.resume {
         let partitions = Some(resume.partitions);
@@ -269,8 +278,15 @@ fn task_options(topology: &Topology) -> TaskOptions {
         max_drift_ms: (topology.qos.is_some() || topology.dau.is_some())
             .then_some(time.max_partition_drift.as_millis() as i64),
         late_topic: Some(topology.sink.late_topic.clone()),
+        transactions: None,
         checkpoint_interval: topology.state.checkpoint_interval,
     }
+}
+
+/// Exactly-once: the topic where each task's transactions mark the checkpoints they commit.
+fn marker_topic(topology: &Topology) -> Option<String> {
+    (topology.processing.guarantee == Guarantee::ExactlyOnce)
+        .then(|| format!("{}-transactions", topology.group_id()))
 }
 
 /// The task reading the topology's input.
@@ -296,7 +312,13 @@ fn input_task(
         endpoints,
         &topology.source.topic,
         &topology.group_id(),
-        task_options(topology),
+        TaskOptions {
+            transactions: marker_topic(topology).map(|marker_topic| Transactions {
+                marker_topic,
+                brokers: endpoints.brokers.clone(),
+            }),
+            ..task_options(topology)
+        },
         registry,
         store,
         operators,
@@ -318,10 +340,24 @@ fn task(
     health: &Arc<Health>,
 ) -> Result<Task, PipelineError> {
     let producer = producer_config(&endpoints.brokers, &topology.sink.kafka);
-    let sink = Sink::new(&producer, &topology.sink.dead_letter_topic, topic)?;
+    let dead_letter = &topology.sink.dead_letter_topic;
+    let sink = match &options.transactions {
+        // One transactional id per task of the group: a second instance fences the first.
+        Some(_) => Sink::transactional(
+            &producer,
+            dead_letter,
+            topic,
+            &format!("{group}-{}", options.name),
+        )?,
+        None => Sink::new(&producer, dead_letter, topic)?,
+    };
     let mut consumer = consumer_config(&endpoints.brokers, group, &topology.source.kafka);
     // Idle means caught up: partition EOF says the consumer has read all the broker holds.
     consumer.set("enable.partition.eof", "true");
+    if options.transactions.is_some() {
+        // Upstream transactions that aborted are never read.
+        consumer.set("isolation.level", "read_committed");
+    }
     let source = Source::subscribe(&consumer, topic)?;
     Ok(Task::new(
         options,

@@ -31,6 +31,30 @@ pub struct Topology {
     pub sink: SinkConfig,
     /// Local RocksDB state.
     pub state: StateConfig,
+    /// Delivery guarantee of the outputs.
+    #[serde(default)]
+    pub processing: ProcessingConfig,
+}
+
+/// `[processing]`: the delivery guarantee.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessingConfig {
+    /// `at_least_once` (any Kafka-API broker: a crash may re-emit identical keyed records) or
+    /// `exactly_once` (Kafka transactions: each checkpoint's outputs and input offsets commit
+    /// together, so a `read_committed` consumer sees every record once).
+    #[serde(default)]
+    pub guarantee: Guarantee,
+}
+
+/// The delivery guarantee of a topology's outputs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "runtime", derive(clap::ValueEnum))]
+#[serde(rename_all = "snake_case")]
+pub enum Guarantee {
+    #[default]
+    AtLeastOnce,
+    ExactlyOnce,
 }
 
 /// `[source]`: the input topic.
@@ -384,6 +408,13 @@ impl Topology {
         check(
             self.qos.is_some() || self.resume.is_some() || self.dau.is_some(),
             "the topology has none of `[qos]`, `[resume]` and `[dau]`: expected at least one operator"
+                .into(),
+        );
+        check(
+            self.processing.guarantee == Guarantee::AtLeastOnce || self.resume.is_none(),
+            "`processing.guarantee` is `exactly_once` with `[resume]`: the resume table is \
+             at-least-once for now (its output topic is its changelog); expected \
+             `at_least_once`, or a topology without `[resume]`"
                 .into(),
         );
         if let Some(dau) = &self.dau {

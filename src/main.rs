@@ -130,6 +130,9 @@ enum Command {
         /// topic.
         #[arg(long, value_enum, default_value = "qos")]
         operators: marquee::tools::bench::Operators,
+        /// `at-least-once`, or `exactly-once` (Kafka transactions; not on Tansu).
+        #[arg(long, value_enum, default_value = "at-least-once")]
+        guarantee: marquee::config::Guarantee,
     },
 }
 
@@ -250,6 +253,7 @@ fn main() -> anyhow::Result<()> {
             hot_share,
             max_partition_drift,
             operators,
+            guarantee,
         } => {
             let options = marquee::tools::bench::BenchOptions {
                 events,
@@ -257,6 +261,7 @@ fn main() -> anyhow::Result<()> {
                 hot_share,
                 max_partition_drift,
                 operators,
+                guarantee,
             };
             let report =
                 marquee::tools::bench::run(&brokers, &options).context("benchmark failed")?;

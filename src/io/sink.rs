@@ -210,6 +210,119 @@ pub struct Sink {
     producer: ThreadedProducer<DeliveryTracker>,
     dead_letter: String,
     source_topic: String,
+    /// Exactly-once: records wait here for the checkpoint's transaction instead of being sent.
+    outbox: Option<Mutex<Vec<Pending>>>,
+}
+
+/// An output record held for a transaction, owning its bytes (it is also stored in the
+/// checkpoint's RocksDB batch, see [`Pending::encode`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub topic: String,
+    pub partition: Option<i32>,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub timestamp: Option<i64>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Pending {
+    fn of<K, P>(record: &BaseRecord<'_, K, P>) -> Self
+    where
+        K: ToBytes + ?Sized,
+        P: ToBytes + ?Sized,
+    {
+        Self {
+            topic: record.topic.to_string(),
+            partition: record.partition,
+            key: record.key.map(|k| k.to_bytes().to_vec()),
+            value: record.payload.map(|v| v.to_bytes().to_vec()),
+            timestamp: record.timestamp,
+            headers: record
+                .headers
+                .as_ref()
+                .map(owned_headers)
+                .unwrap_or_default(),
+        }
+    }
+
+    fn record(&self) -> BaseRecord<'_, [u8], [u8]> {
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&self.topic);
+        record.partition = self.partition;
+        record.key = self.key.as_deref();
+        record.payload = self.value.as_deref();
+        record.timestamp = self.timestamp;
+        if !self.headers.is_empty() {
+            let mut owned = OwnedHeaders::new_with_capacity(self.headers.len());
+            for (k, v) in &self.headers {
+                owned = owned.insert(Header {
+                    key: k,
+                    value: Some(v.as_slice()),
+                });
+            }
+            record.headers = Some(owned);
+        }
+        record
+    }
+
+    /// The stored form: length-prefixed fields.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        fn bytes(out: &mut Vec<u8>, b: Option<&[u8]>) {
+            match b {
+                None => out.extend_from_slice(&u32::MAX.to_le_bytes()),
+                Some(b) => {
+                    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+                    out.extend_from_slice(b);
+                }
+            }
+        }
+        out.clear();
+        bytes(out, Some(self.topic.as_bytes()));
+        out.extend_from_slice(&self.partition.unwrap_or(-1).to_le_bytes());
+        bytes(out, self.key.as_deref());
+        bytes(out, self.value.as_deref());
+        out.extend_from_slice(&self.timestamp.unwrap_or(i64::MIN).to_le_bytes());
+        out.extend_from_slice(&(self.headers.len() as u32).to_le_bytes());
+        for (k, v) in &self.headers {
+            bytes(out, Some(k.as_bytes()));
+            bytes(out, Some(v));
+        }
+    }
+
+    /// Reads [`Pending::encode`]'s form; `None` when malformed.
+    pub fn decode(mut b: &[u8]) -> Option<Self> {
+        fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+            let (head, rest) = b.split_at_checked(n)?;
+            *b = rest;
+            Some(head)
+        }
+        fn bytes(b: &mut &[u8]) -> Option<Option<Vec<u8>>> {
+            let n = u32::from_le_bytes(take(b, 4)?.try_into().ok()?);
+            if n == u32::MAX {
+                return Some(None);
+            }
+            Some(Some(take(b, n as usize)?.to_vec()))
+        }
+        let topic = String::from_utf8(bytes(&mut b)??).ok()?;
+        let partition = i32::from_le_bytes(take(&mut b, 4)?.try_into().ok()?);
+        let key = bytes(&mut b)?;
+        let value = bytes(&mut b)?;
+        let timestamp = i64::from_le_bytes(take(&mut b, 8)?.try_into().ok()?);
+        let n = u32::from_le_bytes(take(&mut b, 4)?.try_into().ok()?);
+        let mut headers = Vec::new();
+        for _ in 0..n {
+            let k = String::from_utf8(bytes(&mut b)??).ok()?;
+            headers.push((k, bytes(&mut b)??));
+        }
+        b.is_empty().then_some(Self {
+            topic,
+            partition: (partition >= 0).then_some(partition),
+            key,
+            value,
+            timestamp: (timestamp != i64::MIN).then_some(timestamp),
+            headers,
+        })
+    }
 }
 
 impl Sink {
@@ -226,7 +339,123 @@ impl Sink {
             producer,
             dead_letter: dead_letter.to_string(),
             source_topic: source_topic.to_string(),
+            outbox: None,
         })
+    }
+
+    /// A transactional producer (exactly-once) with `transactional_id`: records are held
+    /// until [`Sink::publish`] sends them in one transaction with the input offsets. Fences
+    /// any earlier producer with the same id, aborting its open transaction.
+    pub fn transactional(
+        config: &ClientConfig,
+        dead_letter: &str,
+        source_topic: &str,
+        transactional_id: &str,
+    ) -> Result<Self, PipelineError> {
+        let mut config = config.clone();
+        config.set("transactional.id", transactional_id);
+        let mut sink = Self::new(&config, dead_letter, source_topic)?;
+        sink.producer
+            .init_transactions(Duration::from_secs(60))
+            .map_err(PipelineError::kafka(format!(
+                "initialising transactions as {transactional_id} (does the broker support them?)"
+            )))?;
+        sink.outbox = Some(Mutex::new(Vec::new()));
+        Ok(sink)
+    }
+
+    /// Whether outputs wait for a transaction.
+    pub fn is_transactional(&self) -> bool {
+        self.outbox.is_some()
+    }
+
+    /// The records held since the last call (exactly-once).
+    pub fn take_outbox(&self) -> Vec<Pending> {
+        self.outbox
+            .as_ref()
+            .map(|o| std::mem::take(&mut *o.lock().unwrap_or_else(|e| e.into_inner())))
+            .unwrap_or_default()
+    }
+
+    /// Sends `records` and `marker` and commits `offsets` for the consumer group `group` in
+    /// one transaction. A record the broker refuses because of the record itself aborts the
+    /// attempt; it is then replaced by its dead-letter copy and the transaction retried.
+    pub fn publish(
+        &self,
+        records: &[Pending],
+        marker: &Pending,
+        offsets: &rdkafka::TopicPartitionList,
+        group: &rdkafka::consumer::ConsumerGroupMetadata,
+    ) -> Result<(), PipelineError> {
+        let mut records = records.to_vec();
+        for _attempt in 0..3 {
+            let kafka = |what: &'static str| PipelineError::kafka(what);
+            self.producer
+                .begin_transaction()
+                .map_err(kafka("beginning a transaction"))?;
+            for r in records.iter().chain([marker]) {
+                send_with_backpressure(&self.producer, r.record())?;
+            }
+            let committed = self
+                .producer
+                .send_offsets_to_transaction(offsets, group, Duration::from_secs(60))
+                .and_then(|()| self.producer.commit_transaction(Duration::from_secs(60)));
+            let refused = std::mem::take(
+                &mut *self
+                    .producer
+                    .context()
+                    .refused
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()),
+            );
+            match committed {
+                Ok(()) if refused.is_empty() => return Ok(()),
+                Ok(()) => {
+                    return Err(PipelineError::Other(format!(
+                        "a transaction committed although {} record(s) were refused",
+                        refused.len()
+                    )))
+                }
+                Err(e) if refused.is_empty() => {
+                    let _ = self.producer.abort_transaction(Duration::from_secs(60));
+                    return Err(PipelineError::kafka("committing a transaction")(e));
+                }
+                Err(_) => {
+                    self.producer
+                        .abort_transaction(Duration::from_secs(60))
+                        .map_err(kafka("aborting a transaction with refused records"))?;
+                    for r in refused {
+                        crate::metrics::output_refused(&r.topic);
+                        let copy = self.refused_copy(&r);
+                        let same = |p: &Pending| {
+                            p.topic == r.topic && p.key == r.key && p.value == r.value
+                        };
+                        if let Some(slot) = records.iter_mut().find(|p| same(p)) {
+                            *slot = copy;
+                        }
+                    }
+                }
+            }
+        }
+        Err(PipelineError::Other(
+            "a transaction kept failing on refused records".into(),
+        ))
+    }
+
+    /// The dead-letter copy of a refused output (as [`Sink::flush`] sends it).
+    fn refused_copy(&self, r: &Refused) -> Pending {
+        let mut headers = r.headers.clone();
+        headers.push(("marquee.reason".into(), b"output_refused".to_vec()));
+        headers.push(("marquee.error".into(), r.error.clone().into_bytes()));
+        headers.push(("marquee.output.topic".into(), r.topic.clone().into_bytes()));
+        Pending {
+            topic: self.dead_letter.clone(),
+            partition: None,
+            key: r.key.clone(),
+            value: r.value.clone(),
+            timestamp: None,
+            headers,
+        }
     }
 
     /// Sends one result record to `output` (to `partition`, or by key).
@@ -437,6 +666,14 @@ impl Sink {
         K: ToBytes + ?Sized,
         P: ToBytes + ?Sized,
     {
+        if let Some(outbox) = &self.outbox {
+            let pending = Pending::of(&record);
+            outbox
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(pending);
+            return Ok(());
+        }
         send_with_backpressure(&self.producer, record)
     }
 }
@@ -621,5 +858,30 @@ fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
     Header {
         key,
         value: Some(value),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Outbox records come back from the store exactly as they were held.
+        #[test]
+        fn pending_records_round_trip(
+            topic in "[a-z.-]{1,20}",
+            partition in prop::option::of(0i32..100),
+            key in prop::option::of(prop::collection::vec(any::<u8>(), 0..40)),
+            value in prop::option::of(prop::collection::vec(any::<u8>(), 0..200)),
+            timestamp in prop::option::of(0i64..4_000_000_000_000),
+            headers in prop::collection::vec(("[a-z.]{1,12}", prop::collection::vec(any::<u8>(), 0..20)), 0..4),
+        ) {
+            let pending = Pending { topic, partition, key, value, timestamp, headers };
+            let mut bytes = Vec::new();
+            pending.encode(&mut bytes);
+            prop_assert_eq!(Pending::decode(&bytes), Some(pending));
+            prop_assert_eq!(Pending::decode(&bytes[..bytes.len() - 1]), None);
+        }
     }
 }

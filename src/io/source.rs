@@ -221,12 +221,24 @@ impl Source {
             .then_some(high)
     }
 
-    /// Commits next offsets asynchronously (for lag monitoring and new group members).
-    pub fn commit(&self, offsets: impl IntoIterator<Item = (i32, i64)>) {
+    /// The consumer group's metadata, for offsets sent in a transaction.
+    pub fn group_metadata(&self) -> Option<rdkafka::consumer::ConsumerGroupMetadata> {
+        self.consumer.group_metadata()
+    }
+
+    /// `offsets` (next offsets) of the input topic as a partition list.
+    pub fn offset_list(&self, offsets: &[(i32, i64)]) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
-        for (partition, next) in offsets {
+        for &(partition, next) in offsets {
             let _ = tpl.add_partition_offset(&self.topic, partition, Offset::Offset(next));
         }
+        tpl
+    }
+
+    /// Commits next offsets asynchronously (for lag monitoring and new group members).
+    pub fn commit(&self, offsets: impl IntoIterator<Item = (i32, i64)>) {
+        let offsets: Vec<_> = offsets.into_iter().collect();
+        let tpl = self.offset_list(&offsets);
         if tpl.count() > 0 {
             if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
                 tracing::debug!(error = %e, "offset commit failed; it is retried at the next checkpoint");

@@ -11,7 +11,7 @@ mod task;
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-pub use task::{Task, TaskOptions};
+pub use task::{Task, TaskOptions, Transactions};
 
 use crate::error::PipelineError;
 use crate::io::sink::Sink;

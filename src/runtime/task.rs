@@ -27,7 +27,7 @@ use super::{Context, Handled, Operator, Record};
 use crate::check::check;
 use crate::error::PipelineError;
 use crate::io::decode::Decoder;
-use crate::io::sink::Sink;
+use crate::io::sink::{Pending, Sink};
 use crate::io::source::{Assignment, Landing, Reposition, Source};
 use crate::metrics::{self, PartitionCounters};
 use crate::record::{Origin, PlaybackEvent};
@@ -65,7 +65,18 @@ pub struct TaskOptions {
     pub max_drift_ms: Option<i64>,
     /// Where records late for any operator go, unchanged.
     pub late_topic: Option<String>,
+    /// Exactly-once: the compacted topic whose last committed record per task says which
+    /// checkpoint's transaction committed, and the brokers to read it from. The sink must be
+    /// transactional.
+    pub transactions: Option<Transactions>,
     pub checkpoint_interval: Duration,
+}
+
+/// Where a transactional task records its committed checkpoints.
+#[derive(Debug, Clone)]
+pub struct Transactions {
+    pub marker_topic: String,
+    pub brokers: String,
 }
 
 /// State of one owned input partition.
@@ -105,6 +116,10 @@ struct Core {
     /// Seeks owed to partitions whose broker skipped past the position they need.
     seeks: Vec<(i32, i64)>,
     health: Arc<Health>,
+    /// Exactly-once: the number of the last checkpoint, and whether the outbox left by an
+    /// earlier run has been settled.
+    checkpoint_number: u64,
+    recovered: bool,
 }
 
 impl Task {
@@ -132,6 +147,8 @@ impl Task {
             processed: 0,
             seeks: Vec::new(),
             health,
+            checkpoint_number: 0,
+            recovered: false,
         };
         Self { source, core }
     }
@@ -190,6 +207,11 @@ impl Core {
     fn reassign(&mut self, source: &Source, change: Assignment) -> Result<(), PipelineError> {
         match change {
             Assignment::Assigned(partitions) => {
+                // The group is joined: an outbox left by a crash can now be settled.
+                if !self.recovered {
+                    self.settle_outbox(source)?;
+                    self.recovered = true;
+                }
                 for p in partitions {
                     self.assign(p)?;
                 }
@@ -471,6 +493,31 @@ impl Core {
                 offsets.push((p, next_offset));
             }
         }
+        if self.options.transactions.is_some() {
+            // Exactly-once: the outputs are stored with the state, then sent in one
+            // transaction with the offsets; a crash in between is settled on restart.
+            let records = self.sink.take_outbox();
+            let encoded: Vec<Vec<u8>> = records
+                .iter()
+                .map(|r| {
+                    let mut bytes = Vec::new();
+                    r.encode(&mut bytes);
+                    bytes
+                })
+                .collect();
+            self.checkpoint_number += 1;
+            let name = self.options.name;
+            self.store
+                .stage_outbox(&mut batch, name, self.checkpoint_number, &encoded);
+            self.store.commit(batch)?;
+            self.publish(source, &records, &offsets, self.checkpoint_number)?;
+            let mut clear = WriteBatch::default();
+            self.store.stage_outbox_clear(&mut clear, name);
+            self.store.commit(clear)?;
+            metrics::checkpoint(flushed - started, flushed.elapsed());
+            metrics::state_size(self.store.size_bytes());
+            return Ok(());
+        }
         self.store.commit(batch)?;
         metrics::checkpoint(flushed - started, flushed.elapsed());
         metrics::state_size(self.store.size_bytes());
@@ -483,6 +530,126 @@ impl Core {
         }
         Ok(())
     }
+}
+
+impl Core {
+    /// Sends checkpoint `number`'s `records`, its marker and `offsets` in one transaction.
+    fn publish(
+        &self,
+        source: &Source,
+        records: &[Pending],
+        offsets: &[(i32, i64)],
+        number: u64,
+    ) -> Result<(), PipelineError> {
+        let tx = self
+            .options
+            .transactions
+            .as_ref()
+            .expect("a transactional task");
+        let marker = Pending {
+            topic: tx.marker_topic.clone(),
+            partition: Some(0),
+            key: Some(self.options.name.as_bytes().to_vec()),
+            value: Some(number.to_be_bytes().to_vec()),
+            timestamp: None,
+            headers: Vec::new(),
+        };
+        let group = source.group_metadata().ok_or_else(|| {
+            PipelineError::Other("the consumer has no group metadata for a transaction".into())
+        })?;
+        self.sink
+            .publish(records, &marker, &source.offset_list(offsets), &group)
+    }
+
+    /// Exactly-once, once per run: outputs stored by a checkpoint whose transaction may not
+    /// have committed are sent now, unless the marker topic shows that it did.
+    fn settle_outbox(&mut self, source: &Source) -> Result<(), PipelineError> {
+        let Some(tx) = self.options.transactions.clone() else {
+            return Ok(());
+        };
+        let name = self.options.name;
+        let (number, stored) = self.store.load_outbox(name)?;
+        self.checkpoint_number = number;
+        if stored.is_empty() {
+            return Ok(());
+        }
+        let committed = last_marker(&tx, name)?;
+        if committed < Some(number) {
+            let records = stored
+                .iter()
+                .map(|b| Pending::decode(b))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    PipelineError::Other(format!(
+                        "task {name}: an undecodable record in the outbox"
+                    ))
+                })?;
+            let mut offsets = Vec::new();
+            for p in 0..source.partition_count()? {
+                if let Some(meta) = self.partition_meta(p)? {
+                    offsets.push((p, meta.next_offset));
+                }
+            }
+            tracing::info!(
+                task = name,
+                checkpoint = number,
+                records = records.len(),
+                "sending the outputs of a checkpoint whose transaction did not commit"
+            );
+            self.publish(source, &records, &offsets, number)?;
+        }
+        let mut clear = WriteBatch::default();
+        self.store.stage_outbox_clear(&mut clear, name);
+        self.store.commit(clear)?;
+        Ok(())
+    }
+}
+
+/// The number of `task`'s last committed checkpoint in the marker topic, if any.
+fn last_marker(tx: &Transactions, task: &str) -> Result<Option<u64>, PipelineError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &tx.brokers)
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .map_err(PipelineError::kafka("creating the marker reader"))?;
+    let timeout = Duration::from_secs(30);
+    let (_, high) = consumer
+        .fetch_watermarks(&tx.marker_topic, 0, timeout)
+        .map_err(PipelineError::kafka(format!(
+            "reading the end of {}",
+            tx.marker_topic
+        )))?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(&tx.marker_topic, 0, rdkafka::Offset::Beginning)
+        .map_err(PipelineError::kafka("assigning the marker topic"))?;
+    consumer
+        .assign(&tpl)
+        .map_err(PipelineError::kafka("assigning the marker topic"))?;
+    let mut last = None;
+    let deadline = Instant::now() + timeout;
+    while high > 0 && Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                if m.key() == Some(task.as_bytes()) {
+                    last = m
+                        .payload()
+                        .and_then(|v| v.try_into().ok())
+                        .map(u64::from_be_bytes);
+                }
+                if m.offset() + 1 >= high {
+                    break;
+                }
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => break,
+            Some(Err(e)) => return Err(PipelineError::kafka("reading the marker topic")(e)),
+            None => {}
+        }
+    }
+    Ok(last)
 }
 
 /// Offsets `from..to` of `partition` were asked for and are not on the broker.

@@ -31,13 +31,17 @@ pub const CF_SESSIONS: &str = "qos_sessions";
 pub const CF_DAILY: &str = "daily_active";
 /// Reserved column family of offsets, watermarks and the emitted-window frontier.
 pub const CF_META: &str = "__marquee_meta";
+/// Reserved column family of exactly-once outputs between the state commit and their
+/// transaction: `<task>`, NUL, checkpoint number, index.
+pub const CF_OUTBOX: &str = "__marquee_outbox";
 
 /// Every column family, opened together.
-const COLUMN_FAMILIES: [&str; 7] = [
+const COLUMN_FAMILIES: [&str; 8] = [
     CF_WINDOWS,
     CF_QOE,
     CF_SESSIONS,
     CF_DAILY,
+    CF_OUTBOX,
     CF_RESUME,
     CF_RESUME_RECENT,
     CF_META,
@@ -322,6 +326,57 @@ impl Store {
         batch.put_cf(self.cf(CF_META), meta_key(stage, partition), value);
     }
 
+    /// Stages the outputs of `task`'s checkpoint `number` (encoded records), replacing any
+    /// earlier ones, and the number itself.
+    pub fn stage_outbox(
+        &self,
+        batch: &mut WriteBatch,
+        task: &str,
+        number: u64,
+        records: &[Vec<u8>],
+    ) {
+        self.stage_outbox_clear(batch, task);
+        for (i, record) in records.iter().enumerate() {
+            let mut key = outbox_prefix(task);
+            key.extend_from_slice(&number.to_be_bytes());
+            key.extend_from_slice(&(i as u32).to_be_bytes());
+            batch.put_cf(self.cf(CF_OUTBOX), key, record);
+        }
+        batch.put_cf(
+            self.cf(CF_META),
+            format!("{task}/checkpoint"),
+            number.to_le_bytes(),
+        );
+    }
+
+    /// Stages the removal of `task`'s outbox (its transaction committed).
+    pub fn stage_outbox_clear(&self, batch: &mut WriteBatch, task: &str) {
+        let from = outbox_prefix(task);
+        let mut to = from.clone();
+        *to.last_mut().expect("a NUL ends the prefix") = 1;
+        batch.delete_range_cf(self.cf(CF_OUTBOX), from, to);
+    }
+
+    /// `task`'s last checkpoint number and the outputs still waiting for its transaction.
+    pub fn load_outbox(&self, task: &str) -> Result<(u64, Vec<Vec<u8>>), StateError> {
+        let number = self
+            .db
+            .get_cf(self.cf(CF_META), format!("{task}/checkpoint"))?
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u64::from_le_bytes);
+        let prefix = outbox_prefix(task);
+        let mut records = Vec::new();
+        let mode = IteratorMode::From(&prefix, Direction::Forward);
+        for item in self.db.iterator_cf(self.cf(CF_OUTBOX), mode) {
+            let (key, value) = item?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            records.push(value.to_vec());
+        }
+        Ok((number, records))
+    }
+
     /// Stages an operator's emitted-window frontier.
     pub fn stage_closed_through(&self, batch: &mut WriteBatch, frontier: &str, watermark: i64) {
         batch.put_cf(self.cf(CF_META), frontier, watermark.to_le_bytes());
@@ -581,6 +636,12 @@ impl Store {
             })
             .sum()
     }
+}
+
+fn outbox_prefix(task: &str) -> Vec<u8> {
+    let mut key = task.as_bytes().to_vec();
+    key.push(0);
+    key
 }
 
 /// Meta key of a stage's input partition: each stage reads its own topic.

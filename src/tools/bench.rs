@@ -30,6 +30,8 @@ pub struct BenchOptions {
     pub max_partition_drift: Option<Duration>,
     /// Which operators run.
     pub operators: Operators,
+    /// The delivery guarantee.
+    pub guarantee: crate::config::Guarantee,
 }
 
 /// The operators a benchmark runs.
@@ -142,6 +144,7 @@ pub fn run(brokers: &str, options: &BenchOptions) -> Result<BenchReport, Pipelin
         resume.topic = format!("{topic}-resume");
         topology.resume = Some(resume);
     }
+    topology.processing.guarantee = options.guarantee;
     if let Some(drift) = options.max_partition_drift {
         topology.time.max_partition_drift = drift;
     }

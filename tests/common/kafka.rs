@@ -66,7 +66,9 @@ pub fn start_kafka() -> Broker {
         .args(JVM_FLAGS)
         .arg(&log4j_flag)
         .args(["-cp", &classpath, "kafka.tools.StorageTool", "format"])
-        .args(["--cluster-id", &cluster_id(), "--standalone", "--config"])
+        // `=`: a random id may start with `-`, which would read as an option.
+        .arg(format!("--cluster-id={}", cluster_id()))
+        .args(["--standalone", "--config"])
         .arg(&properties)
         .output()
         .unwrap_or_else(|e| panic!("cannot run java to format Kafka's storage: {e}"));
@@ -336,7 +338,8 @@ impl Cluster {
                     "kafka.tools.StorageTool",
                     "format",
                 ])
-                .args(["--cluster-id", &id, "--config"])
+                .arg(format!("--cluster-id={id}"))
+                .arg("--config")
                 .arg(dir.join("server.properties"))
                 .output()
                 .unwrap_or_else(|e| panic!("cannot run java to format Kafka's storage: {e}"));

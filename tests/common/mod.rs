@@ -211,11 +211,35 @@ pub fn read_topic(
     quiet: Duration,
     timeout: Duration,
 ) -> Vec<Consumed> {
+    read_topic_as(brokers, topic, expected, quiet, timeout, "read_uncommitted")
+}
+
+/// [`read_topic`] as a `read_committed` consumer: records of aborted transactions are never
+/// seen.
+pub fn read_committed(
+    brokers: &str,
+    topic: &str,
+    expected: usize,
+    quiet: Duration,
+    timeout: Duration,
+) -> Vec<Consumed> {
+    read_topic_as(brokers, topic, expected, quiet, timeout, "read_committed")
+}
+
+fn read_topic_as(
+    brokers: &str,
+    topic: &str,
+    expected: usize,
+    quiet: Duration,
+    timeout: Duration,
+    isolation: &str,
+) -> Vec<Consumed> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", unique("reader"))
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "10")
+        .set("isolation.level", isolation)
         .create()
         .expect("reader consumer");
     // The topic may not exist yet (the pipeline creates its outputs as it starts).
