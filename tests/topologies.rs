@@ -192,3 +192,17 @@ fn early_results_need_an_interval_of_at_least_100ms() {
     let e = error_of(&MINIMAL.replace("[qos]\n", "[qos]\nemit = \"sometimes\"\n"));
     assert!(e.contains("sometimes") && e.contains("early"), "{e}");
 }
+
+/// Exactly-once is refused with the resume table (at-least-once for now), and named.
+#[test]
+fn exactly_once_with_the_resume_table_is_refused_with_the_key() {
+    let text = std::fs::read_to_string("topologies/resume.toml").unwrap()
+        + "\n[processing]\nguarantee = \"exactly_once\"\n";
+    let err = marquee::config::Topology::parse(&text, std::path::Path::new("resume.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("processing.guarantee"), "{err}");
+    let ok = std::fs::read_to_string("topologies/qos.toml").unwrap()
+        + "\n[processing]\nguarantee = \"exactly_once\"\n";
+    marquee::config::Topology::parse(&ok, std::path::Path::new("qos.toml")).unwrap();
+}

@@ -418,7 +418,10 @@ impl Sink {
                 }
                 Err(e) if refused.is_empty() => {
                     let _ = self.producer.abort_transaction(Duration::from_secs(60));
-                    return Err(PipelineError::kafka("committing a transaction")(e));
+                    return Err(PipelineError::kafka(
+                        "committing a transaction (brokers without Kafka transactions, such as \
+                         Tansu, need `processing.guarantee = \"at_least_once\"`)",
+                    )(e));
                 }
                 Err(_) => {
                     self.producer
