@@ -683,3 +683,81 @@ fn exactly_once_outputs_survive_sigkills_without_a_duplicate() {
         "every late record exactly once"
     );
 }
+
+/// A crash between the state commit and its transaction leaves an outbox: the next run sends
+/// it once (a read_committed reader sees each record once), and an outbox whose transaction
+/// did commit (its marker is there) is never sent again.
+#[test]
+fn an_outbox_left_by_a_crash_is_sent_exactly_once() {
+    use marquee::io::sink::Pending;
+    use marquee::state::Store;
+
+    let brokers = kafka().addr.clone();
+    let input = unique("outbox");
+    common::create_topic(&brokers, &input, 3);
+    let probe = format!("{input}-probe");
+    common::create_topic(&brokers, &probe, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let toml = topology_toml(&input, &state) + "[processing]\nguarantee = \"exactly_once\"\n";
+    let topology =
+        marquee::config::Topology::parse(&toml, std::path::Path::new("eos.toml")).unwrap();
+    let leave_outbox = || {
+        let store = Store::open(&state, 8, 8).unwrap();
+        let records: Vec<Vec<u8>> = ["a", "b"]
+            .iter()
+            .map(|k| {
+                let pending = Pending {
+                    topic: probe.clone(),
+                    partition: None,
+                    key: Some(k.as_bytes().to_vec()),
+                    value: Some(b"from the outbox".to_vec()),
+                    timestamp: None,
+                    headers: Vec::new(),
+                };
+                let mut bytes = Vec::new();
+                pending.encode(&mut bytes);
+                bytes
+            })
+            .collect();
+        let mut batch = rocksdb::WriteBatch::default();
+        store.stage_outbox(&mut batch, "input", 5, &records);
+        store.commit(batch).unwrap();
+    };
+    let probe_keys = || {
+        let records = common::read_committed(
+            &brokers,
+            &probe,
+            2,
+            Duration::from_secs(3),
+            Duration::from_secs(60),
+        );
+        let mut keys: Vec<String> = records.iter().map(|r| r.key_str()).collect();
+        keys.sort();
+        keys
+    };
+
+    leave_outbox();
+    let running = Running::start(&topology, &brokers, None);
+    assert_eq!(probe_keys(), ["a", "b"], "the outbox is sent once");
+    running.stop();
+
+    // The same outbox again, but its transaction committed: the marker says so.
+    leave_outbox();
+    let running = Running::start(&topology, &brokers, None);
+    std::thread::sleep(Duration::from_secs(8));
+    running.stop();
+    let store = Store::open(&state, 8, 8).unwrap();
+    let (number, left) = store.load_outbox("input").unwrap();
+    assert!(
+        left.is_empty() && number > 5,
+        "the outbox was settled ({number}, {} left)",
+        left.len()
+    );
+    drop(store);
+    assert_eq!(
+        probe_keys(),
+        ["a", "b"],
+        "a committed outbox is not sent again"
+    );
+}

@@ -396,10 +396,13 @@ impl Sink {
             for r in records.iter().chain([marker]) {
                 send_with_backpressure(&self.producer, r.record())?;
             }
-            let committed = self
-                .producer
-                .send_offsets_to_transaction(offsets, group, Duration::from_secs(60))
-                .and_then(|()| self.producer.commit_transaction(Duration::from_secs(60)));
+            let committed = if offsets.count() > 0 {
+                self.producer
+                    .send_offsets_to_transaction(offsets, group, Duration::from_secs(60))
+            } else {
+                Ok(())
+            }
+            .and_then(|()| self.producer.commit_transaction(Duration::from_secs(60)));
             let refused = std::mem::take(
                 &mut *self
                     .producer

@@ -467,6 +467,11 @@ impl Core {
     /// Sends what operators owe, flushes outputs, writes state with offsets, then commits
     /// the offsets operators allow to Kafka. `all` on shutdown and revocation.
     fn checkpoint(&mut self, source: &Source, all: bool) -> Result<(), PipelineError> {
+        if self.options.transactions.is_some() && !self.recovered {
+            // Nothing was processed before the first assignment, and a checkpoint now would
+            // replace an outbox that a crash left before it is settled.
+            return Ok(());
+        }
         let started = Instant::now();
         let ctx = Context {
             sink: &self.sink,
@@ -611,6 +616,8 @@ fn last_marker(tx: &Transactions, task: &str) -> Result<Option<u64>, PipelineErr
     use rdkafka::Message;
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &tx.brokers)
+        // librdkafka assigns only within a group; this one never commits anything.
+        .set("group.id", format!("{}-reader", tx.marker_topic))
         .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
