@@ -431,8 +431,7 @@ impl Sink {
                         .abort_transaction(Duration::from_secs(60))
                         .map_err(kafka("aborting a transaction with refused records"))?;
                     for r in refused {
-                        crate::metrics::output_refused(&r.topic);
-                        let copy = self.refused_copy(&r);
+                        let copy = self.dead_letter_copy(&r)?;
                         let same = |p: &Pending| {
                             p.topic == r.topic && p.key == r.key && p.value == r.value
                         };
@@ -446,22 +445,6 @@ impl Sink {
         Err(PipelineError::Other(
             "a transaction kept failing on refused records".into(),
         ))
-    }
-
-    /// The dead-letter copy of a refused output (as [`Sink::flush`] sends it).
-    fn refused_copy(&self, r: &Refused) -> Pending {
-        let mut headers = r.headers.clone();
-        headers.push(("marquee.reason".into(), b"output_refused".to_vec()));
-        headers.push(("marquee.error".into(), r.error.clone().into_bytes()));
-        headers.push(("marquee.output.topic".into(), r.topic.clone().into_bytes()));
-        Pending {
-            topic: self.dead_letter.clone(),
-            partition: None,
-            key: r.key.clone(),
-            value: r.value.clone(),
-            timestamp: None,
-            headers,
-        }
     }
 
     /// Sends one result record to `output` (to `partition`, or by key).
@@ -571,68 +554,66 @@ impl Sink {
     }
 
     fn dead_letter_refused(&self, refused: Vec<Refused>) -> Result<(), PipelineError> {
-        let dead_letter = self.dead_letter.as_str();
         for r in refused {
-            crate::metrics::output_refused(&r.topic);
-            tracing::warn!(
-                topic = r.topic,
-                key = %String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()),
-                error = r.error,
-                "the broker refused an output because of the record itself; \
-                 it goes to the dead-letter topic with reason output_refused"
-            );
-            let omit_value = r.topic == dead_letter;
-            if omit_value && r.value.is_none() {
-                return Err(PipelineError::Other(format!(
-                    "the dead-letter topic {dead_letter} refused a record even without its value: {} \
-                     (check the topic's max.message.bytes and message.timestamp settings)",
-                    r.error
-                )));
-            }
-            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + 3);
-            if omit_value {
-                // The dead-letter copy itself was refused: the same record without its value
-                // (its source coordinates tell where the original is).
-                for (k, v) in &r.headers {
-                    headers = headers.insert(Header {
-                        key: k,
-                        value: Some(v),
-                    });
-                }
-                let size = r.value.as_ref().map_or(0, Vec::len).to_string();
-                headers = headers
-                    .insert(header("marquee.value.omitted.bytes", &size))
-                    .insert(header("marquee.value.omitted.error", &r.error));
-            } else {
-                // The refusal's reason replaces an earlier one (a late copy's); the source
-                // coordinates stay.
-                for (k, v) in r
-                    .headers
-                    .iter()
-                    .filter(|(k, _)| !matches!(k.as_str(), "marquee.reason" | "marquee.error"))
-                {
-                    headers = headers.insert(Header {
-                        key: k,
-                        value: Some(v),
-                    });
-                }
-                headers = headers
-                    .insert(header("marquee.reason", "output_refused"))
-                    .insert(header("marquee.error", &r.error))
-                    .insert(header("marquee.output.topic", &r.topic));
-            }
-            // No timestamp: the broker's own clock always passes its timestamp bounds.
-            let mut record: BaseRecord<'_, [u8], [u8]> =
-                BaseRecord::to(dead_letter).headers(headers);
-            if let Some(key) = &r.key {
-                record = record.key(key);
-            }
-            if let Some(value) = r.value.as_ref().filter(|_| !omit_value) {
-                record = record.payload(value);
-            }
-            self.send(record)?;
+            let copy = self.dead_letter_copy(&r)?;
+            self.send(copy.record())?;
         }
         Ok(())
+    }
+
+    /// The dead-letter copy of an output refused because of the record itself (counted and
+    /// logged), or an error when even the value-less copy of a dead letter was refused.
+    fn dead_letter_copy(&self, r: &Refused) -> Result<Pending, PipelineError> {
+        let dead_letter = self.dead_letter.as_str();
+        crate::metrics::output_refused(&r.topic);
+        tracing::warn!(
+            topic = r.topic,
+            key = %String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()),
+            error = r.error,
+            "the broker refused an output because of the record itself; \
+             it goes to the dead-letter topic with reason output_refused"
+        );
+        let omit_value = r.topic == dead_letter;
+        if omit_value && r.value.is_none() {
+            return Err(PipelineError::Other(format!(
+                "the dead-letter topic {dead_letter} refused a record even without its value: {} \
+                 (check the topic's max.message.bytes and message.timestamp settings)",
+                r.error
+            )));
+        }
+        let mut headers: Vec<(String, Vec<u8>)>;
+        if omit_value {
+            // The dead-letter copy itself was refused: the same record without its value
+            // (its source coordinates tell where the original is).
+            headers = r.headers.clone();
+            let size = r.value.as_ref().map_or(0, Vec::len).to_string();
+            headers.push(("marquee.value.omitted.bytes".into(), size.into_bytes()));
+            headers.push((
+                "marquee.value.omitted.error".into(),
+                r.error.clone().into_bytes(),
+            ));
+        } else {
+            // The refusal's reason replaces an earlier one (a late copy's); the source
+            // coordinates stay.
+            headers = r
+                .headers
+                .iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "marquee.reason" | "marquee.error"))
+                .cloned()
+                .collect();
+            headers.push(("marquee.reason".into(), b"output_refused".to_vec()));
+            headers.push(("marquee.error".into(), r.error.clone().into_bytes()));
+            headers.push(("marquee.output.topic".into(), r.topic.clone().into_bytes()));
+        }
+        // No timestamp: the broker's own clock always passes its timestamp bounds.
+        Ok(Pending {
+            topic: dead_letter.to_string(),
+            partition: None,
+            key: r.key.clone(),
+            value: r.value.clone().filter(|_| !omit_value),
+            timestamp: None,
+            headers,
+        })
     }
 
     fn origin_headers(&self, origin: Origin, reason: &str) -> OwnedHeaders {

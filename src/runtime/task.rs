@@ -13,6 +13,11 @@
 //!
 //! A crash between 1 and 2 replays from the previous checkpoint and re-emits identical keyed
 //! records; a crash before 1 loses nothing, since no offset moved.
+//!
+//! With exactly-once ([`Transactions`]) the producer holds the outputs instead: step 2 also
+//! stores them (an outbox), then one Kafka transaction sends them with a checkpoint marker
+//! and the input offsets, and the outbox is cleared. A crash between the two is settled when
+//! the group is first joined again: the outbox is sent unless its marker committed.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
