@@ -206,3 +206,41 @@ fn exactly_once_with_the_resume_table_is_refused_with_the_key() {
         + "\n[processing]\nguarantee = \"exactly_once\"\n";
     marquee::config::Topology::parse(&ok, std::path::Path::new("qos.toml")).unwrap();
 }
+
+/// A session timeout shorter than a window can stay open (a new session could begin while the
+/// old one's events still arrive) is refused, naming the key and the bound.
+#[test]
+fn a_session_timeout_shorter_than_a_window_can_stay_open_is_refused() {
+    let with = |timeout: &str| {
+        MINIMAL.replace(
+            "[qos]\n",
+            &format!("[qos]\nsession_timeout = \"{timeout}\"\n"),
+        )
+    };
+    let e = error_of(&with("1m"));
+    assert!(
+        e.contains("`qos.session_timeout` is 1m") && e.contains("95000ms"),
+        "{e}"
+    );
+    Topology::parse(&with("95s"), Path::new("t.toml")).unwrap();
+    // Without QoE there are no sessions to time out.
+    Topology::parse(
+        &with("1m").replace("[qos]\n", "[qos]\nqoe = false\n"),
+        Path::new("t.toml"),
+    )
+    .unwrap();
+}
+
+/// DAU settings: a running value at most every second, and a skew bound its grace absorbs.
+#[test]
+fn dau_settings_are_checked_with_their_keys() {
+    let dau = |extra: &str| format!("{MINIMAL}[dau]\n{extra}");
+    let t = Topology::parse(&dau(""), Path::new("t.toml")).unwrap();
+    assert_eq!(t.dau.as_ref().unwrap().topic, "daily-active");
+    let e = error_of(&dau("interval = \"500ms\"\n"));
+    assert!(e.contains("`dau.interval` is 500ms"), "{e}");
+    let e = error_of(&dau("grace = \"1s\"\n"));
+    assert!(e.contains("`dau.grace`"), "{e}");
+    let e = error_of(&dau("counting = \"approximately\"\n"));
+    assert!(e.contains("approximately"), "{e}");
+}
