@@ -129,7 +129,7 @@ fn flush(c: &mut Criterion) {
                 windows
             },
             |mut windows| {
-                let mut batch = rocksdb::WriteBatch::default();
+                let mut batch = marquee::state::Batch::default();
                 store.stage_windows(&mut batch, 0, &mut windows);
                 store.commit(batch).unwrap();
             },

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Guarantee, ResumeConfig, Topology};
 use crate::error::PipelineError;
+use crate::io::changelog::Changelog;
 use crate::io::decode::Decoder;
 use crate::io::registry::{HttpRegistry, SchemaRegistry};
 use crate::io::sink::{
@@ -22,7 +23,7 @@ use crate::operators::table::ResumeTable;
 use crate::resume::{self, TableView, RESUME_POSITION_SCHEMA};
 use crate::runtime::{Operator, Task, TaskOptions, Transactions};
 use crate::serve::http::{self, Health};
-use crate::state::Store;
+use crate::state::{Store, CF_DAILY, CF_QOE, CF_SESSIONS, CF_WINDOWS, POSITIONS};
 
 /// Where an instance finds Kafka and the schema registry, and where it serves HTTP.
 #[derive(Debug, Clone)]
@@ -33,6 +34,30 @@ pub struct Endpoints {
     pub registry: String,
     /// Address of `/metrics`, `/healthz`, `/readyz` and table queries; `None` serves nothing.
     pub http: Option<SocketAddr>,
+    /// This instance's stable name in its consumer groups (static membership) and in its
+    /// transactional ids; `None` derives one from the host and the state directory, which is
+    /// what a restarted instance keeps.
+    pub instance_id: Option<String>,
+}
+
+/// How long a restore may read nothing from the changelog before it fails.
+const RESTORE_STALL: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The instance's name: the one given, or the host name and a hash of the state directory.
+pub fn instance_id(topology: &Topology, endpoints: &Endpoints) -> String {
+    if let Some(id) = &endpoints.instance_id {
+        return id.clone();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "marquee".into());
+    let dir = std::fs::canonicalize(&topology.state.dir).unwrap_or(topology.state.dir.clone());
+    let mut hash = rustc_hash::FxHasher::default();
+    std::hash::Hash::hash(&dir, &mut hash);
+    format!("{host}-{:016x}", std::hash::Hasher::finish(&hash))
 }
 
 /// Runs `topology` until `shutdown` is cancelled (or a fatal error), with the shared `health`.
@@ -279,6 +304,7 @@ fn task_options(topology: &Topology) -> TaskOptions {
             .then_some(time.max_partition_drift.as_millis() as i64),
         late_topic: Some(topology.sink.late_topic.clone()),
         transactions: None,
+        changelog: None,
         checkpoint_interval: topology.state.checkpoint_interval,
     }
 }
@@ -287,6 +313,37 @@ fn task_options(topology: &Topology) -> TaskOptions {
 fn marker_topic(topology: &Topology) -> Option<String> {
     (topology.processing.guarantee == Guarantee::ExactlyOnce)
         .then(|| format!("{}-transactions", topology.group_id()))
+}
+
+/// The changelog topics of the input task's stores: the QoS windows (and sessions and QoE
+/// with `qos.qoe`), the DAU days, and the input positions they stand for.
+fn changelog(topology: &Topology, endpoints: &Endpoints) -> Option<Changelog> {
+    let mut stores = Vec::new();
+    if let Some(qos) = &topology.qos {
+        stores.push(CF_WINDOWS);
+        if qos.qoe {
+            stores.extend([CF_QOE, CF_SESSIONS]);
+        }
+    }
+    if topology.dau.is_some() {
+        stores.push(CF_DAILY);
+    }
+    if stores.is_empty() {
+        return None;
+    }
+    stores.push(POSITIONS);
+    Some(Changelog::new(
+        &topology.group_id(),
+        &stores,
+        consumer_config(
+            &endpoints.brokers,
+            &topology.group_id(),
+            &topology.source.kafka,
+        ),
+        topology.sink.replication_factor,
+        topology.processing.guarantee == Guarantee::ExactlyOnce,
+        RESTORE_STALL,
+    ))
 }
 
 /// The task reading the topology's input.
@@ -317,6 +374,7 @@ fn input_task(
                 marker_topic,
                 brokers: endpoints.brokers.clone(),
             }),
+            changelog: changelog(topology, endpoints),
             ..task_options(topology)
         },
         registry,
@@ -342,16 +400,25 @@ fn task(
     let producer = producer_config(&endpoints.brokers, &topology.sink.kafka);
     let dead_letter = &topology.sink.dead_letter_topic;
     let sink = match &options.transactions {
-        // One transactional id per task of the group: a second instance fences the first.
+        // One transactional id per task and instance: a restarted instance fences its
+        // earlier self; other instances are fenced through the group's generation.
         Some(_) => Sink::transactional(
             &producer,
             dead_letter,
             topic,
-            &format!("{group}-{}", options.name),
+            &format!(
+                "{group}-{}-{}",
+                options.name,
+                instance_id(topology, endpoints)
+            ),
         )?,
         None => Sink::new(&producer, dead_letter, topic)?,
     };
     let mut consumer = consumer_config(&endpoints.brokers, group, &topology.source.kafka);
+    // Static membership: a restarting instance keeps its partitions without a rebalance.
+    if consumer.get("group.instance.id").is_none() {
+        consumer.set("group.instance.id", instance_id(topology, endpoints));
+    }
     // Idle means caught up: partition EOF says the consumer has read all the broker holds.
     consumer.set("enable.partition.eof", "true");
     if options.transactions.is_some() {

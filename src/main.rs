@@ -45,6 +45,10 @@ enum Command {
         /// Override the topology's state directory.
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// This instance's stable name in its group (static membership, transactional ids);
+        /// by default the host name and a hash of the state directory.
+        #[arg(long, env = "MARQUEE_INSTANCE_ID")]
+        instance_id: Option<String>,
     },
     /// Check a topology file without running it.
     Validate {
@@ -153,6 +157,7 @@ fn main() -> anyhow::Result<()> {
             registry,
             http,
             state_dir,
+            instance_id,
         } => {
             let mut topology = Topology::load(&topology)?;
             if let Some(dir) = state_dir {
@@ -163,6 +168,7 @@ fn main() -> anyhow::Result<()> {
                 brokers,
                 registry,
                 http: Some(http),
+                instance_id,
             };
             app::run(
                 &topology,

@@ -359,6 +359,17 @@ pub fn table_restore_remaining(records: i64) {
     gauge!("marquee_table_restore_remaining_records").set(records as f64);
 }
 
+/// Changelog records a running restore still has to read.
+pub fn restore_remaining(records: i64) {
+    gauge!("marquee_restore_remaining_records").set(records as f64);
+}
+
+/// Partitions rebuilt from the changelog topics.
+pub fn restored(records: u64, took: Duration) {
+    counter!("marquee_restored_records_total").increment(records);
+    gauge!("marquee_restore_duration_seconds").set(took.as_secs_f64());
+}
+
 /// One table query answered.
 pub fn query(route: &'static str, took: Duration) {
     histogram!("marquee_query_duration_seconds", "route" => route).record(took.as_secs_f64());

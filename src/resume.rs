@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
-use rocksdb::WriteBatch;
 
 use crate::config::ResumeConfig;
 use crate::error::PipelineError;
@@ -239,7 +238,7 @@ fn commit_restored(
     staged: &mut HashMap<(i32, String, String), Option<StoredEntry>>,
     complete: bool,
 ) -> Result<(), PipelineError> {
-    let mut batch = WriteBatch::default();
+    let mut batch = crate::state::Batch::default();
     for ((p, profile, title), stored) in staged.drain() {
         match stored {
             Some(stored) => store.stage_table_put(&mut batch, p, &stored)?,

@@ -720,7 +720,7 @@ fn an_outbox_left_by_a_crash_is_sent_exactly_once() {
                 bytes
             })
             .collect();
-        let mut batch = rocksdb::WriteBatch::default();
+        let mut batch = marquee::state::Batch::default();
         store.stage_outbox(&mut batch, "input", 5, &records);
         store.commit(batch).unwrap();
     };

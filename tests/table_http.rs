@@ -60,7 +60,7 @@ fn queries_answer_for_owned_partitions_and_redirect_the_rest() {
         .find(|p| view.partition_of(p) == 1)
         .unwrap();
     view.set_owned_for_bench(0);
-    let mut batch = rocksdb::WriteBatch::default();
+    let mut batch = marquee::state::Batch::default();
     for stored in [
         entry(&mine, "a", 100, 100),
         entry(&mine, "b", 300, 500),
@@ -139,7 +139,7 @@ fn heavy_queries_do_not_stall_health_and_metrics() {
     let store = Arc::new(Store::open(dir.path(), 8, 8).unwrap());
     let view = Arc::new(TableView::new(Arc::clone(&store), 1));
     view.set_owned_for_bench(0);
-    let mut batch = rocksdb::WriteBatch::default();
+    let mut batch = marquee::state::Batch::default();
     for t in 0..10_000 {
         store
             .stage_table_put(&mut batch, 0, &entry("binge", &format!("t{t}"), t, 100))

@@ -447,6 +447,12 @@ impl Sink {
         ))
     }
 
+    /// Sends a record built elsewhere (a changelog record), held like any other output when
+    /// the sink is transactional.
+    pub fn send_pending(&self, record: &Pending) -> Result<(), PipelineError> {
+        self.send(record.record())
+    }
+
     /// Sends one result record to `output` (to `partition`, or by key).
     pub fn send_result<T: Serialize>(
         &self,

@@ -100,7 +100,9 @@ pub fn consumer_config(
         .set("fetch.queue.backoff.ms", "1")
         // Bound the prefetch queue so a backlog cannot run the process out of memory.
         .set("queued.max.messages.kbytes", "65536")
-        .set("queued.min.messages", "20000");
+        .set("queued.min.messages", "20000")
+        // Cooperative rebalancing: a partition that stays keeps running through a rebalance.
+        .set("partition.assignment.strategy", "cooperative-sticky");
     for (k, v) in overrides {
         config.set(k, v);
     }
@@ -219,6 +221,32 @@ impl Source {
         };
         (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
             .then_some(high)
+    }
+
+    /// The group's committed offsets of `partitions` (those that have one).
+    pub fn committed(&self, partitions: &[i32]) -> Result<BTreeMap<i32, i64>, PipelineError> {
+        if partitions.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for &p in partitions {
+            tpl.add_partition(&self.topic, p);
+        }
+        let committed = self
+            .consumer
+            .committed_offsets(tpl, Duration::from_secs(30))
+            .map_err(PipelineError::kafka(format!(
+                "reading the committed offsets of {}",
+                self.topic
+            )))?;
+        Ok(committed
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((e.partition(), o)),
+                _ => None,
+            })
+            .collect())
     }
 
     /// The consumer group's metadata, for offsets sent in a transaction.

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rocksdb::WriteBatch;
+use crate::state::Batch;
 
 use crate::config::{Counting, DauConfig};
 use crate::daily::{day_of, DayPartial, DAY_MS};
@@ -167,9 +167,9 @@ impl Operator for DailyActiveUsers {
         Ok(())
     }
 
-    fn stage(&mut self, batch: &mut WriteBatch) -> Result<(), PipelineError> {
+    fn stage(&mut self, batch: &mut Batch) -> Result<(), PipelineError> {
         for (p, day) in self.emitted.drain(..) {
-            self.store.stage_day_delete(batch, p, day);
+            self.store.stage_day_delete(batch, p, day)?;
         }
         for (&p, days) in self.parts.iter_mut() {
             self.store.stage_days(batch, p, days);

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rocksdb::WriteBatch;
+use crate::state::Batch;
 use rustc_hash::FxHashMap;
 
 use crate::config::{Dimension, EmitPolicy, QosConfig};
@@ -324,9 +324,9 @@ impl Operator for QosWindows {
         Ok(())
     }
 
-    fn stage(&mut self, batch: &mut WriteBatch) -> Result<(), PipelineError> {
+    fn stage(&mut self, batch: &mut Batch) -> Result<(), PipelineError> {
         for (p, start) in self.emitted.drain(..) {
-            self.store.stage_window_delete(batch, p, start);
+            self.store.stage_window_delete(batch, p, start)?;
         }
         for (&p, windows) in self.parts.iter_mut() {
             self.store.stage_windows(batch, p, windows);

@@ -4,7 +4,7 @@
 //! task's checkpoint, before the input offsets move: at-least-once, and applying an event to
 //! the table twice changes nothing.
 
-use rocksdb::WriteBatch;
+use crate::state::Batch;
 
 use crate::error::PipelineError;
 use crate::runtime::{Context, Handled, Operator, Record};
@@ -58,7 +58,7 @@ impl Operator for Repartition {
         Ok(Handled::Applied)
     }
 
-    fn stage(&mut self, _batch: &mut WriteBatch) -> Result<(), PipelineError> {
+    fn stage(&mut self, _batch: &mut Batch) -> Result<(), PipelineError> {
         Ok(())
     }
 }

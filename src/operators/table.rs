@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rocksdb::WriteBatch;
+use crate::state::Batch;
 use rustc_hash::FxHashMap;
 
 use crate::config::ResumeConfig;
@@ -262,7 +262,7 @@ impl Operator for ResumeTable {
         Ok(())
     }
 
-    fn stage(&mut self, batch: &mut WriteBatch) -> Result<(), PipelineError> {
+    fn stage(&mut self, batch: &mut Batch) -> Result<(), PipelineError> {
         for (p, profile, title) in self.expired.drain(..) {
             self.cache
                 .remove(&crate::record::resume_key(&profile, &title));

@@ -92,7 +92,7 @@ pub trait Operator: Send {
     }
 
     /// Checkpoint step 2: stage the state changed since the last checkpoint.
-    fn stage(&mut self, batch: &mut rocksdb::WriteBatch) -> Result<(), PipelineError>;
+    fn stage(&mut self, batch: &mut crate::state::Batch) -> Result<(), PipelineError>;
 
     /// Checkpoint step 4: of `offsets` (just made durable), those safe to commit to Kafka, or
     /// earlier ones, or none. The default commits them all.

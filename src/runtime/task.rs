@@ -25,19 +25,19 @@ use std::time::{Duration, Instant};
 
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
-use rocksdb::WriteBatch;
 use tokio_util::sync::CancellationToken;
 
 use super::{Context, Handled, Operator, Record};
 use crate::check::check;
 use crate::error::PipelineError;
+use crate::io::changelog::Changelog;
 use crate::io::decode::Decoder;
 use crate::io::sink::{Pending, Sink};
 use crate::io::source::{Assignment, Landing, Reposition, Source};
 use crate::metrics::{self, PartitionCounters};
 use crate::record::{Origin, PlaybackEvent};
 use crate::serve::http::Health;
-use crate::state::{PartitionMeta, Store};
+use crate::state::{Batch, PartitionMeta, Store};
 use crate::watermark::Watermarks;
 
 /// Records between watermark ticks while data flows.
@@ -74,6 +74,9 @@ pub struct TaskOptions {
     /// checkpoint's transaction committed, and the brokers to read it from. The sink must be
     /// transactional.
     pub transactions: Option<Transactions>,
+    /// The changelog topics of the task's stores, when its state can move to another
+    /// instance.
+    pub changelog: Option<Changelog>,
     pub checkpoint_interval: Duration,
 }
 
@@ -212,11 +215,15 @@ impl Core {
     fn reassign(&mut self, source: &Source, change: Assignment) -> Result<(), PipelineError> {
         match change {
             Assignment::Assigned(partitions) => {
-                // The group is joined: an outbox left by a crash can now be settled.
+                // The group is joined: what a crash left unsent can now be settled.
                 if !self.recovered {
-                    self.settle_outbox(source)?;
+                    if let Some(changelog) = &self.options.changelog {
+                        changelog.ensure_topics(source.partition_count()?)?;
+                    }
+                    self.settle_outbox(source, &partitions)?;
                     self.recovered = true;
                 }
+                self.restore(source, &partitions)?;
                 for p in partitions {
                     self.assign(p)?;
                 }
@@ -260,6 +267,43 @@ impl Core {
             (None, Some(legacy)) => self.store.partition_meta(legacy, p)?,
             (meta, _) => meta,
         })
+    }
+
+    /// Rebuilds from the changelog topics the newly assigned partitions whose local state is
+    /// missing or behind the group's committed offset (another instance processed them).
+    fn restore(&mut self, source: &Source, partitions: &[i32]) -> Result<(), PipelineError> {
+        let Some(changelog) = &self.options.changelog else {
+            return Ok(());
+        };
+        let new: Vec<i32> = partitions
+            .iter()
+            .copied()
+            .filter(|p| !self.parts.contains_key(p))
+            .collect();
+        let committed = source.committed(&new)?;
+        let mut stale = Vec::new();
+        for p in new {
+            let local = self.partition_meta(p)?;
+            let behind = match (local, committed.get(&p)) {
+                (None, _) => true,
+                (Some(m), Some(&c)) => c > m.next_offset,
+                (Some(_), None) => false,
+            };
+            if behind {
+                stale.push(p);
+            }
+        }
+        if stale.is_empty() {
+            return Ok(());
+        }
+        let name = self.options.name;
+        self.health.set_ready(name, false);
+        let health = &self.health;
+        changelog.restore(&self.store, name, &stale, |line| {
+            health.set_progress(name, Some(line.to_string()))
+        })?;
+        self.health.set_progress(name, None);
+        Ok(())
     }
 
     fn assign(&mut self, p: i32) -> Result<(), PipelineError> {
@@ -472,9 +516,9 @@ impl Core {
     /// Sends what operators owe, flushes outputs, writes state with offsets, then commits
     /// the offsets operators allow to Kafka. `all` on shutdown and revocation.
     fn checkpoint(&mut self, source: &Source, all: bool) -> Result<(), PipelineError> {
-        if self.options.transactions.is_some() && !self.recovered {
+        if !self.recovered {
             // Nothing was processed before the first assignment, and a checkpoint now would
-            // replace an outbox that a crash left before it is settled.
+            // replace what a crash left unsent before it is settled.
             return Ok(());
         }
         let started = Instant::now();
@@ -487,7 +531,7 @@ impl Core {
         }
         self.sink.flush()?;
         let flushed = Instant::now();
-        let mut batch = WriteBatch::default();
+        let mut batch = Batch::default();
         for op in &mut self.operators {
             op.stage(&mut batch)?;
         }
@@ -502,6 +546,11 @@ impl Core {
                     .stage_meta(&mut batch, self.options.name, p, meta);
                 offsets.push((p, next_offset));
             }
+        }
+        let changes = batch.take_changes();
+        if self.options.changelog.is_some() {
+            self.store
+                .stage_changelog_pending(&mut batch, self.options.name, &changes);
         }
         if self.options.transactions.is_some() {
             // Exactly-once: the outputs are stored with the state, then sent in one
@@ -520,15 +569,27 @@ impl Core {
             self.store
                 .stage_outbox(&mut batch, name, self.checkpoint_number, &encoded);
             self.store.commit(batch)?;
+            let mut records = records;
+            records.extend(self.changelog_records(&changes)?);
             self.publish(source, &records, &offsets, self.checkpoint_number)?;
-            let mut clear = WriteBatch::default();
+            let mut clear = Batch::default();
             self.store.stage_outbox_clear(&mut clear, name);
+            self.store.stage_changelog_pending(&mut clear, name, &[]);
             self.store.commit(clear)?;
             metrics::checkpoint(flushed - started, flushed.elapsed());
             metrics::state_size(self.store.size_bytes());
             return Ok(());
         }
         self.store.commit(batch)?;
+        // The changelog gets the committed values; a crash before they are delivered sends
+        // them again on restart (see `settle_outbox`).
+        let changelog = self.changelog_records(&changes)?;
+        if !changelog.is_empty() {
+            for record in &changelog {
+                self.sink.send_pending(record)?;
+            }
+            self.sink.flush()?;
+        }
         metrics::checkpoint(flushed - started, flushed.elapsed());
         metrics::state_size(self.store.size_bytes());
         let mut committable = Some(offsets);
@@ -543,6 +604,17 @@ impl Core {
 }
 
 impl Core {
+    /// The changelog records of `changes` (none without a changelog).
+    fn changelog_records(
+        &self,
+        changes: &[crate::state::Change],
+    ) -> Result<Vec<Pending>, PipelineError> {
+        match &self.options.changelog {
+            Some(changelog) if !changes.is_empty() => changelog.records(&self.store, changes),
+            _ => Ok(Vec::new()),
+        }
+    }
+
     /// Sends checkpoint `number`'s `records`, its marker and `offsets` in one transaction.
     fn publish(
         &self,
@@ -571,21 +643,34 @@ impl Core {
             .publish(records, &marker, &source.offset_list(offsets), &group)
     }
 
-    /// Exactly-once, once per run: outputs stored by a checkpoint whose transaction may not
-    /// have committed are sent now, unless the marker topic shows that it did.
-    fn settle_outbox(&mut self, source: &Source) -> Result<(), PipelineError> {
+    /// Once per run, what the last checkpoint before a crash may have left unsent: its
+    /// changelog records (at least once: sent again for the `assigned` partitions, whose
+    /// values have not changed since), or, exactly-once, its outputs and changelog records
+    /// unless the marker topic shows that its transaction committed.
+    fn settle_outbox(&mut self, source: &Source, assigned: &[i32]) -> Result<(), PipelineError> {
+        let name = self.options.name;
+        let mut changes = match &self.options.changelog {
+            Some(_) => self.store.load_changelog_pending(name)?,
+            None => Vec::new(),
+        };
+        changes.retain(|c| assigned.contains(&c.partition));
         let Some(tx) = self.options.transactions.clone() else {
+            if !changes.is_empty() {
+                for record in &self.changelog_records(&changes)? {
+                    self.sink.send_pending(record)?;
+                }
+                self.sink.flush()?;
+            }
             return Ok(());
         };
-        let name = self.options.name;
         let (number, stored) = self.store.load_outbox(name)?;
         self.checkpoint_number = number;
-        if stored.is_empty() {
+        if stored.is_empty() && changes.is_empty() {
             return Ok(());
         }
         let committed = last_marker(&tx, name)?;
         if committed < Some(number) {
-            let records = stored
+            let mut records = stored
                 .iter()
                 .map(|b| Pending::decode(b))
                 .collect::<Option<Vec<_>>>()
@@ -594,6 +679,7 @@ impl Core {
                         "task {name}: an undecodable record in the outbox"
                     ))
                 })?;
+            records.extend(self.changelog_records(&changes)?);
             let mut offsets = Vec::new();
             for p in 0..source.partition_count()? {
                 if let Some(meta) = self.partition_meta(p)? {
@@ -608,8 +694,9 @@ impl Core {
             );
             self.publish(source, &records, &offsets, number)?;
         }
-        let mut clear = WriteBatch::default();
+        let mut clear = Batch::default();
         self.store.stage_outbox_clear(&mut clear, name);
+        self.store.stage_changelog_pending(&mut clear, name, &[]);
         self.store.commit(clear)?;
         Ok(())
     }

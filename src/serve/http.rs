@@ -28,6 +28,8 @@ pub struct Health {
     /// Input records processed so far (drives the throughput benchmark's stop condition).
     processed: AtomicU64,
     failure: Mutex<Option<String>>,
+    /// What each operator that is not ready is doing (a restore's progress).
+    progress: Mutex<BTreeMap<&'static str, String>>,
 }
 
 impl Health {
@@ -39,6 +41,23 @@ impl Health {
     /// Marks `operator` ready (state restored, consuming) or not.
     pub fn set_ready(&self, operator: &'static str, ready: bool) {
         self.lock_operators().insert(operator, ready);
+    }
+
+    /// Records what `operator` is doing while it is not ready (`None`: nothing to report).
+    pub fn set_progress(&self, operator: &'static str, progress: Option<String>) {
+        let mut map = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        match progress {
+            Some(line) => map.insert(operator, line),
+            None => map.remove(operator),
+        };
+    }
+
+    /// The progress lines of operators that are not ready, one per line.
+    fn progress(&self) -> String {
+        let map = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        map.iter()
+            .map(|(op, line)| format!("{op}: {line}\n"))
+            .collect()
     }
 
     /// Every declared operator is ready and nothing has failed.
@@ -188,11 +207,14 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     if state.health.is_ready() {
-        (StatusCode::OK, "ready\n")
+        (StatusCode::OK, "ready\n".to_string())
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: restoring state or not consuming\n",
+            format!(
+                "not ready: restoring state or not consuming\n{}",
+                state.health.progress()
+            ),
         )
     }
 }

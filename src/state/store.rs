@@ -75,6 +75,64 @@ pub struct PartitionMeta {
     pub max_event_time: Option<i64>,
 }
 
+/// Name of the changelogged store of input positions: each partition's next offset and
+/// watermark source, kept in [`CF_META`].
+pub const POSITIONS: &str = "positions";
+
+/// The stores whose changes go to changelog topics, in the order their records are written.
+pub const CHANGELOGGED: [&str; 5] = [CF_WINDOWS, CF_QOE, CF_SESSIONS, CF_DAILY, POSITIONS];
+
+/// A key of a changelogged store touched by a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Change {
+    /// The store: one of [`CHANGELOGGED`].
+    pub store: &'static str,
+    pub partition: i32,
+    pub key: Vec<u8>,
+}
+
+/// One checkpoint's writes, and the keys of changelogged stores they touch: after the
+/// commit, the changelog gets each touched key's new value (or a tombstone).
+#[derive(Default)]
+pub struct Batch {
+    inner: WriteBatch,
+    changes: Vec<Change>,
+}
+
+impl Batch {
+    /// Records that `key` of `store` (partition `partition`) changes.
+    fn touch(&mut self, store: &'static str, partition: i32, key: &[u8]) {
+        self.changes.push(Change {
+            store,
+            partition,
+            key: key.to_vec(),
+        });
+    }
+
+    /// The changelogged keys this batch touches, each once.
+    pub fn take_changes(&mut self) -> Vec<Change> {
+        let mut changes = std::mem::take(&mut self.changes);
+        changes.sort_unstable_by(|a, b| {
+            (a.store, a.partition, &a.key).cmp(&(b.store, b.partition, &b.key))
+        });
+        changes.dedup();
+        changes
+    }
+}
+
+impl std::ops::Deref for Batch {
+    type Target = WriteBatch;
+    fn deref(&self) -> &WriteBatch {
+        &self.inner
+    }
+}
+
+impl std::ops::DerefMut for Batch {
+    fn deref_mut(&mut self) -> &mut WriteBatch {
+        &mut self.inner
+    }
+}
+
 /// The instance's RocksDB database.
 pub struct Store {
     db: DB,
@@ -257,7 +315,7 @@ impl Store {
     /// Stages `session` of `partition` (`None` deletes it).
     pub fn stage_session(
         &self,
-        batch: &mut WriteBatch,
+        batch: &mut Batch,
         partition: i32,
         id: &str,
         session: Option<&Session>,
@@ -265,6 +323,7 @@ impl Store {
     ) {
         let mut key = keys::partition_prefix(partition).to_vec();
         key.extend_from_slice(id.as_bytes());
+        batch.touch(CF_SESSIONS, partition, &key);
         match session {
             Some(s) => {
                 s.encode(buf);
@@ -275,12 +334,7 @@ impl Store {
     }
 
     /// Stages what changed in `windows` since the last checkpoint, and clears the change marks.
-    pub fn stage_windows(
-        &self,
-        batch: &mut WriteBatch,
-        partition: i32,
-        windows: &mut PartitionWindows,
-    ) {
+    pub fn stage_windows(&self, batch: &mut Batch, partition: i32, windows: &mut PartitionWindows) {
         let (cf, qoe) = (self.cf(CF_WINDOWS), self.cf(CF_QOE));
         let mut value = Vec::new();
         for (&start, window) in windows.windows.iter_mut() {
@@ -292,9 +346,11 @@ impl Store {
                     let delta = std::mem::take(&mut agg.unsaved);
                     let key = keys::group_key(partition, start, slot as u8, group);
                     if delta.qoe.changed {
+                        batch.touch(CF_QOE, partition, &key);
                         batch.merge_cf(qoe, &key, encode_qoe(&delta.qoe));
                     }
                     if delta.changed {
+                        batch.touch(CF_WINDOWS, partition, &key);
                         encode_delta(&delta, &mut value);
                         batch.merge_cf(cf, key, &value);
                     }
@@ -304,37 +360,51 @@ impl Store {
     }
 
     /// Stages the deletion of an emitted window of `partition`.
-    pub fn stage_window_delete(&self, batch: &mut WriteBatch, partition: i32, start: i64) {
+    pub fn stage_window_delete(
+        &self,
+        batch: &mut Batch,
+        partition: i32,
+        start: i64,
+    ) -> Result<(), StateError> {
+        for cf in [CF_WINDOWS, CF_QOE] {
+            self.stage_range_delete(batch, cf, partition, start)?;
+        }
+        Ok(())
+    }
+
+    /// Stages the deletion of every entry of one window (or day) of `partition` in `cf`,
+    /// each key recorded for the changelog's tombstones.
+    fn stage_range_delete(
+        &self,
+        batch: &mut Batch,
+        cf: &'static str,
+        partition: i32,
+        start: i64,
+    ) -> Result<(), StateError> {
         let from = keys::window_prefix(partition, start);
         let to = keys::window_prefix(partition, start + 1);
-        batch.delete_range_cf(self.cf(CF_WINDOWS), &from, &to);
-        batch.delete_range_cf(self.cf(CF_QOE), from, to);
+        self.scan(cf, &from, |key, _| {
+            batch.touch(cf, partition, key);
+            Ok(())
+        })?;
+        batch.delete_range_cf(self.cf(cf), from, to);
+        Ok(())
     }
 
     /// Stages the offset and watermark of `partition`.
-    pub fn stage_meta(
-        &self,
-        batch: &mut WriteBatch,
-        stage: &str,
-        partition: i32,
-        meta: PartitionMeta,
-    ) {
+    pub fn stage_meta(&self, batch: &mut Batch, stage: &str, partition: i32, meta: PartitionMeta) {
         let mut value = [0u8; 17];
         value[0..8].copy_from_slice(&meta.next_offset.to_le_bytes());
         value[8] = u8::from(meta.max_event_time.is_some());
         value[9..17].copy_from_slice(&meta.max_event_time.unwrap_or(0).to_le_bytes());
-        batch.put_cf(self.cf(CF_META), meta_key(stage, partition), value);
+        let key = meta_key(stage, partition);
+        batch.touch(POSITIONS, partition, &key);
+        batch.put_cf(self.cf(CF_META), key, value);
     }
 
     /// Stages the outputs of `task`'s checkpoint `number` (encoded records), replacing any
     /// earlier ones, and the number itself.
-    pub fn stage_outbox(
-        &self,
-        batch: &mut WriteBatch,
-        task: &str,
-        number: u64,
-        records: &[Vec<u8>],
-    ) {
+    pub fn stage_outbox(&self, batch: &mut Batch, task: &str, number: u64, records: &[Vec<u8>]) {
         self.stage_outbox_clear(batch, task);
         for (i, record) in records.iter().enumerate() {
             let mut key = outbox_prefix(task);
@@ -350,7 +420,7 @@ impl Store {
     }
 
     /// Stages the removal of `task`'s outbox (its transaction committed).
-    pub fn stage_outbox_clear(&self, batch: &mut WriteBatch, task: &str) {
+    pub fn stage_outbox_clear(&self, batch: &mut Batch, task: &str) {
         let from = outbox_prefix(task);
         let mut to = from.clone();
         *to.last_mut().expect("a NUL ends the prefix") = 1;
@@ -378,7 +448,7 @@ impl Store {
     }
 
     /// Stages an operator's emitted-window frontier.
-    pub fn stage_closed_through(&self, batch: &mut WriteBatch, frontier: &str, watermark: i64) {
+    pub fn stage_closed_through(&self, batch: &mut Batch, frontier: &str, watermark: i64) {
         batch.put_cf(self.cf(CF_META), frontier, watermark.to_le_bytes());
     }
 
@@ -409,7 +479,7 @@ impl Store {
     /// Stages what each day of `partition` gained since the last checkpoint.
     pub fn stage_days(
         &self,
-        batch: &mut WriteBatch,
+        batch: &mut Batch,
         partition: i32,
         days: &mut BTreeMap<i64, DayPartial>,
     ) {
@@ -418,6 +488,7 @@ impl Store {
             for (slot, groups) in partial.groups.iter_mut().enumerate() {
                 for (value, active) in groups.iter_mut().filter(|(_, a)| a.changed) {
                     let key = keys::group_key(partition, day, slot as u8, value);
+                    batch.touch(CF_DAILY, partition, &key);
                     batch.merge_cf(cf, key, active.take_delta());
                 }
             }
@@ -425,19 +496,116 @@ impl Store {
     }
 
     /// Stages the deletion of an emitted day of `partition`.
-    pub fn stage_day_delete(&self, batch: &mut WriteBatch, partition: i32, day: i64) {
-        let from = keys::window_prefix(partition, day);
-        let to = keys::window_prefix(partition, day + 1);
-        batch.delete_range_cf(self.cf(CF_DAILY), from, to);
+    pub fn stage_day_delete(
+        &self,
+        batch: &mut Batch,
+        partition: i32,
+        day: i64,
+    ) -> Result<(), StateError> {
+        self.stage_range_delete(batch, CF_DAILY, partition, day)
+    }
+
+    /// The column family of a changelogged store.
+    fn store_cf(&self, store: &str) -> &rocksdb::ColumnFamily {
+        self.cf(if store == POSITIONS { CF_META } else { store })
+    }
+
+    /// The current value of each changed key (`None`: deleted).
+    pub fn current_values(&self, changes: &[Change]) -> Result<Vec<Option<Vec<u8>>>, StateError> {
+        self.db
+            .multi_get_cf(
+                changes
+                    .iter()
+                    .map(|c| (self.store_cf(c.store), c.key.as_slice())),
+            )
+            .into_iter()
+            .map(|v| v.map_err(StateError::from))
+            .collect()
+    }
+
+    /// Stages the removal of everything `task` holds of `partition` in the changelogged
+    /// stores (before a restore replaces it).
+    pub fn stage_partition_clear(&self, batch: &mut Batch, task: &str, partition: i32) {
+        let from = keys::partition_prefix(partition);
+        let to = keys::partition_prefix(partition.saturating_add(1));
+        for cf in [CF_WINDOWS, CF_QOE, CF_SESSIONS, CF_DAILY] {
+            batch.delete_range_cf(self.cf(cf), from, to);
+        }
+        batch.delete_cf(self.cf(CF_META), meta_key(task, partition));
+    }
+
+    /// Stages one restored changelog record of `store` (`None`: a tombstone).
+    pub fn stage_restored(&self, batch: &mut Batch, store: &str, key: &[u8], value: Option<&[u8]>) {
+        let cf = self.store_cf(store);
+        match value {
+            Some(v) => batch.put_cf(cf, key, v),
+            None => batch.delete_cf(cf, key),
+        }
+    }
+
+    /// Stages the list of `task`'s changelogged keys this checkpoint touches: if the process
+    /// dies before their changelog records are delivered, they are sent again on restart.
+    pub fn stage_changelog_pending(&self, batch: &mut Batch, task: &str, changes: &[Change]) {
+        let mut value = Vec::new();
+        for c in changes {
+            let store = CHANGELOGGED
+                .iter()
+                .position(|s| *s == c.store)
+                .expect("a changelogged store");
+            value.push(store as u8);
+            value.extend_from_slice(&c.partition.to_be_bytes());
+            value.extend_from_slice(&(c.key.len() as u32).to_be_bytes());
+            value.extend_from_slice(&c.key);
+        }
+        batch.put_cf(self.cf(CF_META), format!("{task}/changelog"), value);
+    }
+
+    /// The keys [`Store::stage_changelog_pending`] last recorded for `task`.
+    pub fn load_changelog_pending(&self, task: &str) -> Result<Vec<Change>, StateError> {
+        let Some(value) = self
+            .db
+            .get_cf(self.cf(CF_META), format!("{task}/changelog"))?
+        else {
+            return Ok(Vec::new());
+        };
+        let corrupt = || StateError::Corrupt {
+            key: format!("{CF_META}/{task}/changelog"),
+            message: "expected (store, partition, key length, key) entries".into(),
+        };
+        let mut rest = value.as_slice();
+        let mut changes = Vec::new();
+        while let Some((&store, tail)) = rest.split_first() {
+            let store = *CHANGELOGGED.get(usize::from(store)).ok_or_else(corrupt)?;
+            let partition = i32::from_be_bytes(
+                tail.get(0..4)
+                    .ok_or_else(corrupt)?
+                    .try_into()
+                    .expect("4 bytes"),
+            );
+            let len = u32::from_be_bytes(
+                tail.get(4..8)
+                    .ok_or_else(corrupt)?
+                    .try_into()
+                    .expect("4 bytes"),
+            ) as usize;
+            let key = tail.get(8..8 + len).ok_or_else(corrupt)?.to_vec();
+            changes.push(Change {
+                store,
+                partition,
+                key,
+            });
+            rest = &tail[8 + len..];
+        }
+        Ok(changes)
     }
 
     /// Writes a batch atomically and durably (WAL synced: it survives a killed process and a host crash).
-    pub fn commit(&self, batch: WriteBatch) -> Result<(), StateError> {
+    pub fn commit(&self, batch: Batch) -> Result<(), StateError> {
         // Synced: offsets are committed to Kafka only after this returns, and a host crash
         // must not leave Kafka's offsets ahead of the state they stand for.
         let mut options = rocksdb::WriteOptions::default();
         options.set_sync(true);
-        Ok(self.db.write_opt(batch, &options)?)
+        Ok(self.db.write_opt(batch.inner, &options)?)
     }
 
     /// The table entry `profile`/`title` of `partition`.
@@ -506,7 +674,7 @@ impl Store {
     /// batch: the index entry of the stored version is found by reading it.
     pub fn stage_table_put(
         &self,
-        batch: &mut WriteBatch,
+        batch: &mut Batch,
         partition: i32,
         stored: &StoredEntry,
     ) -> Result<(), StateError> {
@@ -522,7 +690,7 @@ impl Store {
     /// Stages the deletion of a table entry and its index entry (one per entry per batch).
     pub fn stage_table_delete(
         &self,
-        batch: &mut WriteBatch,
+        batch: &mut Batch,
         partition: i32,
         profile: &str,
         title: &str,
@@ -536,7 +704,7 @@ impl Store {
     /// Stages the deletion of the index entry of the stored version of `key`, if any.
     fn stage_unindex(
         &self,
-        batch: &mut WriteBatch,
+        batch: &mut Batch,
         partition: i32,
         key: &[u8],
     ) -> Result<(), StateError> {
@@ -555,7 +723,7 @@ impl Store {
     /// Builds the recency index of a table stored before it existed.
     fn build_recent_index(&self) -> Result<(), StateError> {
         let recent = self.cf(CF_RESUME_RECENT);
-        let mut batch = WriteBatch::default();
+        let mut batch = Batch::default();
         for item in self.db.iterator_cf(self.cf(CF_RESUME), IteratorMode::Start) {
             let (key, value) = item?;
             let partition = keys::decode_partition(&key).ok_or_else(|| StateError::Corrupt {
@@ -583,7 +751,7 @@ impl Store {
         }
         if self.db.get_cf(meta, META_TABLE_RESTORED_V2)?.is_some() {
             self.build_recent_index()?;
-            let mut batch = WriteBatch::default();
+            let mut batch = Batch::default();
             batch.put_cf(meta, META_TABLE_RESTORED, [1]);
             batch.delete_cf(meta, META_TABLE_RESTORED_V2);
             self.commit(batch)?;
@@ -592,7 +760,7 @@ impl Store {
         }
         // A table written with the earlier key format is dropped; the restore rebuilds it.
         if self.db.get_cf(meta, META_TABLE_RESTORED_V1)?.is_some() {
-            let mut batch = WriteBatch::default();
+            let mut batch = Batch::default();
             for cf in [CF_RESUME, CF_RESUME_RECENT] {
                 batch.delete_range_cf(self.cf(cf), &[][..], &[0xff][..]);
             }
@@ -604,7 +772,7 @@ impl Store {
     }
 
     /// Records that the table is complete in this directory.
-    pub fn stage_table_restored(&self, batch: &mut WriteBatch) {
+    pub fn stage_table_restored(&self, batch: &mut Batch) {
         batch.put_cf(self.cf(CF_META), META_TABLE_RESTORED, [1]);
     }
 
@@ -752,7 +920,7 @@ fn decode_group(bytes: &[u8]) -> Option<GroupAgg> {
 
 /// Stages the index entry of `position` when it is unfinished.
 fn stage_index(
-    batch: &mut WriteBatch,
+    batch: &mut Batch,
     recent: &rocksdb::ColumnFamily,
     partition: i32,
     position: &crate::record::ResumePosition,
@@ -842,12 +1010,12 @@ mod tests {
             for i in 0..100_000 {
                 windows.add(&spec, &[], &viewer(i));
             }
-            let mut batch = WriteBatch::default();
+            let mut batch = Batch::default();
             store.stage_windows(&mut batch, 7, &mut windows);
             store.commit(batch).unwrap();
             windows.add(&spec, &[], &viewer(100_000));
             windows.add(&spec, &[], &viewer(5));
-            let mut batch = WriteBatch::default();
+            let mut batch = Batch::default();
             store.stage_windows(&mut batch, 7, &mut windows);
             assert!(
                 batch.size_in_bytes() < 200,
@@ -886,14 +1054,14 @@ mod tests {
                 days.entry(t / 50_000).or_default().add(&e, i % 2 == 0);
                 other.add(&spec, &dims, &event(i as u32 + 1, t));
                 if close {
-                    let mut batch = WriteBatch::default();
+                    let mut batch = Batch::default();
                     for (start, _) in model.take_closed(&spec, t - 20_000) {
-                        store.stage_window_delete(&mut batch, 7, start);
+                        store.stage_window_delete(&mut batch, 7, start).unwrap();
                     }
                     store.commit(batch).unwrap();
                 }
                 if checkpoint {
-                    let mut batch = WriteBatch::default();
+                    let mut batch = Batch::default();
                     store.stage_windows(&mut batch, 7, &mut model);
                     store.stage_windows(&mut batch, 8, &mut other);
                     store.stage_days(&mut batch, 7, &mut days);
@@ -901,7 +1069,7 @@ mod tests {
                     store.commit(batch).unwrap();
                 }
             }
-            let mut batch = WriteBatch::default();
+            let mut batch = Batch::default();
             store.stage_windows(&mut batch, 7, &mut model);
             store.stage_days(&mut batch, 7, &mut days);
             store.commit(batch).unwrap();
@@ -969,7 +1137,7 @@ mod tests {
                 // One write per entry per batch, the newest winning, as the table operator does.
                 let ops: std::collections::BTreeMap<_, _> =
                     ops.into_iter().map(|(p, t, v)| ((format!("p/{p}"), format!("t\0{t}")), v)).collect();
-                let mut batch = WriteBatch::default();
+                let mut batch = Batch::default();
                 for ((profile, title), op) in ops {
                     match op {
                         Some((at, completed)) => {
@@ -1007,7 +1175,7 @@ mod tests {
         use rocksdb::perf::{set_perf_stats, PerfContext, PerfMetric, PerfStatsLevel};
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 8, 64).unwrap();
-        let mut batch = WriteBatch::default();
+        let mut batch = Batch::default();
         for t in 0..10_000 {
             let entry = stored("binge", &format!("t{t:05}"), t, false);
             store.stage_table_put(&mut batch, 0, &entry).unwrap();
@@ -1028,7 +1196,7 @@ mod tests {
     fn a_table_without_the_recency_index_gets_one() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 8, 8).unwrap();
-        let mut batch = WriteBatch::default();
+        let mut batch = Batch::default();
         for (title, at, completed) in [("a", 5, false), ("b", 9, false), ("c", 7, true)] {
             let entry = stored("p", title, at, completed);
             let key = keys::table_key(2, "p", title);
@@ -1058,7 +1226,7 @@ mod tests {
     fn a_table_in_the_earlier_key_format_is_dropped_for_a_rebuild() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 8, 8).unwrap();
-        let mut batch = WriteBatch::default();
+        let mut batch = Batch::default();
         batch.put_cf(store.cf(CF_RESUME), b"\0\0\0\x01p\0t", b"{}");
         batch.put_cf(store.cf(CF_META), META_TABLE_RESTORED_V1, [1]);
         store.commit(batch).unwrap();
@@ -1068,7 +1236,7 @@ mod tests {
             .iterator_cf(store.cf(CF_RESUME), rocksdb::IteratorMode::Start)
             .count();
         assert_eq!(left, 0, "old entries are gone");
-        let mut batch = WriteBatch::default();
+        let mut batch = Batch::default();
         store.stage_table_restored(&mut batch);
         store.commit(batch).unwrap();
         assert!(store.table_restored().unwrap());
@@ -1083,7 +1251,7 @@ mod tests {
             next_offset: 42,
             max_event_time: Some(-5),
         };
-        let mut batch = WriteBatch::default();
+        let mut batch = Batch::default();
         store.stage_meta(&mut batch, "qos", 3, meta);
         store.stage_closed_through(&mut batch, QOS_FRONTIER, 99);
         store.commit(batch).unwrap();

@@ -186,6 +186,7 @@ pub fn run(brokers: &str, options: &BenchOptions) -> Result<BenchReport, Pipelin
         brokers: brokers.to_string(),
         registry: registry.url(),
         http: None,
+        instance_id: None,
     };
     let pipeline = {
         let (health, shutdown) = (Arc::clone(&health), shutdown.clone());
@@ -343,7 +344,7 @@ pub fn queries(
     let mut dirty: std::collections::HashMap<String, (i32, crate::table::Entry)> =
         std::collections::HashMap::new();
     let checkpoint = |dirty: &mut std::collections::HashMap<_, (i32, crate::table::Entry)>| {
-        let mut batch = rocksdb::WriteBatch::default();
+        let mut batch = crate::state::Batch::default();
         for (_, (p, entry)) in dirty.drain() {
             let stored = StoredEntry {
                 entry,

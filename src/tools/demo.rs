@@ -58,6 +58,7 @@ pub fn run(
         brokers: kafka.bootstrap_servers(),
         registry: registry.url(),
         http,
+        instance_id: None,
     };
     println!(
         "marquee demo: in-process Kafka at {}, registry at {}",

@@ -453,6 +453,7 @@ impl Running {
             brokers: brokers.to_string(),
             registry: registry().url(),
             http,
+            instance_id: None,
         };
         let (topology, stop) = (topology.clone(), shutdown.clone());
         let health = std::sync::Arc::new(marquee::serve::http::Health::default());

@@ -1,0 +1,267 @@
+//! Changelog topics: every changelogged store (and the input positions) has a compacted topic,
+//! partitioned like the input, that receives each checkpoint's changes as full values
+//! (deletions as tombstones). An instance that gains a partition without up-to-date local
+//! state rebuilds that partition, and only it, from these topics before processing it.
+//!
+//! Full values, not merge operands, make the topics idempotent: a record written twice (a
+//! replayed checkpoint, an outbox sent again) leaves the same state, and compaction keeps the
+//! newest value of each key.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::error::PipelineError;
+use crate::io::sink::{ensure_topics, Pending, TopicSpec, COMPACTED};
+use crate::metrics;
+use crate::state::{Batch, Change, Store};
+
+/// How often a running restore reports its progress.
+const REPORT_EVERY: Duration = Duration::from_secs(2);
+/// Restored records per RocksDB batch.
+const RESTORE_BATCH: usize = 10_000;
+
+/// The changelog topics of one task's stores.
+#[derive(Debug, Clone)]
+pub struct Changelog {
+    /// Each changelogged store (one of [`crate::state::CHANGELOGGED`]) and its topic.
+    topics: Vec<(&'static str, String)>,
+    /// Client settings of the cluster (admin and restore consumers).
+    client: ClientConfig,
+    replication_factor: Option<i32>,
+    /// Exactly-once: only committed changelog records are restored.
+    read_committed: bool,
+    /// Longest a restore may go without reading a record before it fails.
+    stall_timeout: Duration,
+}
+
+/// The changelog topic of `store` for consumer group `group`.
+pub fn topic_name(group: &str, store: &str) -> String {
+    format!("{group}-{store}-changelog")
+}
+
+impl Changelog {
+    /// The changelogs of `stores` for consumer group `group`, on the cluster `client` reaches.
+    pub fn new(
+        group: &str,
+        stores: &[&'static str],
+        client: ClientConfig,
+        replication_factor: Option<i32>,
+        read_committed: bool,
+        stall_timeout: Duration,
+    ) -> Self {
+        Self {
+            topics: stores.iter().map(|s| (*s, topic_name(group, s))).collect(),
+            client,
+            replication_factor,
+            read_committed,
+            stall_timeout,
+        }
+    }
+
+    /// Creates the changelog topics that are missing, with `partitions` (the input's).
+    pub fn ensure_topics(&self, partitions: i32) -> Result<(), PipelineError> {
+        let specs: Vec<TopicSpec<'_>> = self
+            .topics
+            .iter()
+            .map(|(_, topic)| TopicSpec {
+                name: topic,
+                partitions: Some(partitions),
+                replication_factor: self.replication_factor,
+                configs: COMPACTED,
+            })
+            .collect();
+        ensure_topics(&self.client, &specs)
+    }
+
+    fn topic(&self, store: &str) -> Option<&str> {
+        self.topics
+            .iter()
+            .find(|(s, _)| *s == store)
+            .map(|(_, t)| t.as_str())
+    }
+
+    /// The changelog records of `changes`: each key's value in `store` now (committed by the
+    /// checkpoint), or a tombstone. Changes of stores without a changelog are skipped.
+    pub fn records(
+        &self,
+        store: &Store,
+        changes: &[Change],
+    ) -> Result<Vec<Pending>, PipelineError> {
+        let values = store.current_values(changes)?;
+        Ok(changes
+            .iter()
+            .zip(values)
+            .filter_map(|(change, value)| {
+                Some(Pending {
+                    topic: self.topic(change.store)?.to_string(),
+                    partition: Some(change.partition),
+                    key: Some(change.key.clone()),
+                    value,
+                    timestamp: None,
+                    headers: Vec::new(),
+                })
+            })
+            .collect())
+    }
+
+    /// Rebuilds `partitions` of every changelogged store from the topics: the local entries
+    /// of those partitions are dropped, then each topic partition is read to its end. Progress
+    /// goes to the log, to metrics and to `progress` (shown by `/readyz`). Returns the records
+    /// read.
+    pub fn restore(
+        &self,
+        store: &Store,
+        task: &str,
+        partitions: &[i32],
+        mut progress: impl FnMut(&str),
+    ) -> Result<u64, PipelineError> {
+        if partitions.is_empty() {
+            return Ok(0);
+        }
+        let started = Instant::now();
+        let mut clear = Batch::default();
+        for &p in partitions {
+            store.stage_partition_clear(&mut clear, task, p);
+        }
+        store.commit(clear)?;
+        let consumer: BaseConsumer = self
+            .client
+            .clone()
+            .set("group.id", "marquee-changelog-restore")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set(
+                "isolation.level",
+                if self.read_committed {
+                    "read_committed"
+                } else {
+                    "read_uncommitted"
+                },
+            )
+            .create()
+            .map_err(PipelineError::kafka(
+                "creating the changelog restore consumer",
+            ))?;
+        // What each topic partition holds now, for progress only: the restore itself reads
+        // until the consumer reports the partition's end.
+        let mut ends: Vec<(&'static str, &str, BTreeMap<i32, i64>)> = Vec::new();
+        for (s, topic) in &self.topics {
+            let mut held = BTreeMap::new();
+            for &p in partitions {
+                let (low, high) = consumer
+                    .fetch_watermarks(topic, p, Duration::from_secs(10))
+                    .map_err(PipelineError::kafka(format!(
+                        "reading the end of changelog {topic} partition {p}"
+                    )))?;
+                if high > low {
+                    held.insert(p, high - low);
+                }
+            }
+            ends.push((s, topic, held));
+        }
+        let total: i64 = ends.iter().flat_map(|(_, _, h)| h.values()).sum();
+        tracing::info!(
+            task,
+            ?partitions,
+            records = total,
+            "restoring state from the changelog topics"
+        );
+        let (mut read, mut batch) = (0u64, Batch::default());
+        let mut last_report = Instant::now();
+        // One topic at a time: a partition's end is reported by partition number only.
+        for (s, topic, mut left) in ends {
+            let mut tpl = TopicPartitionList::new();
+            for &p in left.keys() {
+                tpl.add_partition_offset(topic, p, Offset::Beginning)
+                    .map_err(PipelineError::kafka("assigning a changelog partition"))?;
+            }
+            consumer
+                .assign(&tpl)
+                .map_err(PipelineError::kafka("assigning the changelog partitions"))?;
+            let mut last_progress = Instant::now();
+            while !left.is_empty() {
+                if last_report.elapsed() >= REPORT_EVERY {
+                    last_report = Instant::now();
+                    let line = progress_line(partitions, read, total, started.elapsed());
+                    metrics::restore_remaining((total - read as i64).max(0));
+                    tracing::info!(task, "{line}");
+                    progress(&line);
+                }
+                if last_progress.elapsed() > self.stall_timeout {
+                    let waiting: Vec<String> = left.keys().map(|p| p.to_string()).collect();
+                    return Err(PipelineError::Other(format!(
+                        "restoring state from {topic} made no progress for {} (partitions {} \
+                         not at their end; are the brokers reachable? an open transaction of a \
+                         crashed instance holds read_committed readers until its \
+                         transaction.timeout.ms)",
+                        humantime::format_duration(self.stall_timeout),
+                        waiting.join(", ")
+                    )));
+                }
+                let message = match consumer.poll(Duration::from_millis(100)) {
+                    None => continue,
+                    Some(Err(KafkaError::PartitionEOF(p))) => {
+                        left.remove(&p);
+                        last_progress = Instant::now();
+                        continue;
+                    }
+                    Some(Err(e)) => {
+                        return Err(PipelineError::kafka(format!("reading changelog {topic}"))(
+                            e,
+                        ))
+                    }
+                    Some(Ok(m)) => m,
+                };
+                last_progress = Instant::now();
+                let Some(key) = message.key() else {
+                    tracing::warn!(
+                        topic,
+                        partition = message.partition(),
+                        offset = message.offset(),
+                        "a changelog record without a key; skipped"
+                    );
+                    continue;
+                };
+                store.stage_restored(&mut batch, s, key, message.payload());
+                read += 1;
+                if batch.len() >= RESTORE_BATCH {
+                    store.commit(std::mem::take(&mut batch))?;
+                }
+            }
+        }
+        store.commit(batch)?;
+        metrics::restore_remaining(0);
+        metrics::restored(read, started.elapsed());
+        tracing::info!(
+            task,
+            ?partitions,
+            records = read,
+            seconds = started.elapsed().as_secs_f64(),
+            "state restored from the changelog topics"
+        );
+        Ok(read)
+    }
+}
+
+/// A restore's progress as a person reads it: records, rate and time left.
+fn progress_line(partitions: &[i32], read: u64, total: i64, took: Duration) -> String {
+    let rate = read as f64 / took.as_secs_f64().max(0.001);
+    let left = (total - read as i64).max(0) as f64;
+    let eta = Duration::from_secs((left / rate.max(1.0)).ceil() as u64);
+    let percent = if total > 0 {
+        100.0 * read as f64 / total as f64
+    } else {
+        100.0
+    };
+    format!(
+        "restoring partitions {partitions:?}: {read} of about {total} changelog records \
+         ({percent:.0}%), {rate:.0}/s, about {} left",
+        humantime::format_duration(eta)
+    )
+}
