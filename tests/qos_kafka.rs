@@ -761,3 +761,61 @@ fn an_outbox_left_by_a_crash_is_sent_exactly_once() {
         "a committed outbox is not sent again"
     );
 }
+
+/// State moves with its partition: an instance stops in the middle of the stream with
+/// windows, sessions and days open, its state directory is wiped, and a new instance in the
+/// same group restores every partition from the changelog topics and ends with the results
+/// of an uninterrupted run (without the changelogs, the open windows lose their first half).
+#[test]
+fn a_wiped_state_directory_is_restored_from_the_changelogs() {
+    use common::qos::per_partition;
+    use common::reference::daily;
+
+    let brokers = kafka().addr.clone();
+    let input = unique("changelog");
+    common::create_topic(&brokers, &input, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let events = dataset(83, 12_000);
+    let expected = expected(&events);
+    let want_days = daily(
+        common::qos::RULES.out_of_orderness,
+        5_000,
+        &per_partition(&events),
+    );
+    let instance = |name: &str| {
+        let toml = topology_toml(&input, &dir.path().join(name))
+            + &format!("[dau]\ntopic = \"{input}-dau\"\ninterval = \"1s\"\ngrace = \"5s\"\n");
+        marquee::config::Topology::parse(&toml, std::path::Path::new("changelog.toml")).unwrap()
+    };
+    let first = instance("first");
+    let feeder = Feeder::new(&brokers, &input);
+    let half = events.len() / 2;
+    send(&feeder, &events[..half], 0);
+    let running = Running::start(&first, &brokers, None);
+    wait_for_first_record(&brokers, &first.sink.topic);
+    std::thread::sleep(Duration::from_secs(2));
+    running.stop();
+    std::fs::remove_dir_all(&first.state.dir).unwrap();
+
+    let http = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+    let second = instance("second");
+    let running = Running::start(&second, &brokers, Some(http));
+    send(&feeder, &events[half..], half);
+    let (results, late) = read_outputs(&brokers, &second, &expected, Duration::from_secs(120));
+    assert_results_equal(&results_by_key(&results), &expected.results);
+    assert_eq!(late_event_ids(&late), expected.late);
+    std::thread::sleep(Duration::from_secs(3));
+    let days = common::qos::daily_records(&brokers, &format!("{input}-dau"), want_days.len());
+    let (_, page) = common::http_get(&http.to_string(), "/metrics");
+    running.stop();
+    assert_eq!(common::qos::newest_daily(&days), want_days);
+    let restored: f64 = page
+        .lines()
+        .filter_map(|l| l.strip_prefix("marquee_restored_records_total "))
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .sum();
+    assert!(
+        restored > 0.0,
+        "the second instance restored state from the changelogs:\n{page}"
+    );
+}
