@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Guarantee, ResumeConfig, Topology};
+use crate::config::{EmitPolicy, Guarantee, ResumeConfig, Topology};
 use crate::error::PipelineError;
 use crate::io::changelog::Changelog;
 use crate::io::decode::Decoder;
@@ -17,13 +17,16 @@ use crate::io::sink::{
 };
 use crate::io::source::{consumer_config, Source};
 use crate::operators::dau::DailyActiveUsers;
-use crate::operators::qos::{QosWindows, ResultHook};
+use crate::operators::qos::{GlobalWatermark, PartialsTopic, QosWindows, ResultHook};
 use crate::operators::repartition::Repartition;
 use crate::operators::table::ResumeTable;
 use crate::resume::{self, TableView, RESUME_POSITION_SCHEMA};
+use crate::runtime::merge::{Merge, MergeOptions, MERGE_TASK};
 use crate::runtime::{Operator, Task, TaskOptions, Transactions};
 use crate::serve::http::{self, Health};
 use crate::state::{Store, CF_DAILY, CF_QOE, CF_SESSIONS, CF_WINDOWS, POSITIONS};
+use crate::window::{slot, WindowSpec};
+use std::sync::atomic::AtomicI64;
 
 /// Where an instance finds Kafka and the schema registry, and where it serves HTTP.
 #[derive(Debug, Clone)]
@@ -132,6 +135,20 @@ fn run_operators(
             marker_topic(topology).as_deref(),
         ),
     )?;
+    // Internal topics partitioned like the input: the changelogs and the QoS partials.
+    let input_partitions = input_partitions(&producer, &topology.source.topic)?;
+    if let Some(changelog) = changelog(topology, endpoints) {
+        changelog.ensure_topics(input_partitions)?;
+    }
+    let partials = topology.qos.as_ref().map(|_| PartialsTopic {
+        topic: format!("{}-qos-partials", topology.group_id()),
+        partitions: input_partitions,
+    });
+    if let Some(partials) = &partials {
+        let spec = topic_spec(topology, &partials.topic, Some(input_partitions), COMPACTED);
+        ensure_topics(&producer, &[spec])?;
+    }
+    let global: GlobalWatermark = Arc::new(AtomicI64::new(i64::MIN));
     let resume = topology.resume.as_ref().zip(table);
     // The table reads the input itself when the input is already keyed by profile.
     let (table_on_input, table_task) = match resume {
@@ -147,6 +164,9 @@ fn run_operators(
     if table_task.is_some() {
         health.expect(TABLE_TASK);
     }
+    if topology.qos.is_some() {
+        health.expect(MERGE_TASK);
+    }
     let stop = shutdown.child_token();
     std::thread::scope(|scope| {
         let mut tasks = Vec::new();
@@ -155,16 +175,12 @@ fn run_operators(
             let table = table_on_input.map(|(r, v)| (r.clone(), v));
             let repartition = table_task.as_ref().map(|(r, _)| r.partitions);
             let repartition_topic = repartition_topic.as_deref();
+            let (partials, global) = (partials.clone(), Arc::clone(&global));
             tasks.push(spawn_task(scope, &stop.clone(), move || {
                 let mut operators: Vec<Box<dyn Operator>> = Vec::new();
-                if let Some(qos) = &topology.qos {
-                    let results = Output::register(
-                        registry.as_ref(),
-                        &topology.sink.topic,
-                        QOS_WINDOW_SCHEMA,
-                    )?;
-                    let windows = QosWindows::new(qos, Arc::clone(&store), results)?;
-                    operators.push(Box::new(windows.on_result(on_result)));
+                if let (Some(qos), Some(partials)) = (&topology.qos, partials) {
+                    let windows = QosWindows::new(qos, Arc::clone(&store), partials, global)?;
+                    operators.push(Box::new(windows));
                 }
                 if let Some(dau) = &topology.dau {
                     let output =
@@ -186,6 +202,34 @@ fn run_operators(
                 }
                 let task = input_task(topology, endpoints, registry, store, operators, health)?;
                 task.run(&stop)
+            }));
+        }
+        if let (Some(qos), Some(partials)) = (&topology.qos, &partials) {
+            let (registry, stop) = (Arc::clone(&registry), stop.clone());
+            tasks.push(spawn_task(scope, &stop.clone(), move || {
+                let results =
+                    Output::register(registry.as_ref(), &topology.sink.topic, QOS_WINDOW_SCHEMA)?;
+                let group = format!("{}-merge", topology.group_id());
+                let exactly_once = topology.processing.guarantee == Guarantee::ExactlyOnce;
+                let (source, sink) = connect(
+                    topology,
+                    endpoints,
+                    &partials.topic,
+                    &group,
+                    MERGE_TASK,
+                    exactly_once,
+                )?;
+                let options = MergeOptions {
+                    topic: partials.topic.clone(),
+                    sources: partials.partitions,
+                    spec: WindowSpec::new(qos.window, qos.advance.unwrap_or(qos.window), qos.grace),
+                    qoe: qos.qoe,
+                    gauge_slots: qos.gauge_dimensions.iter().map(|d| slot(*d)).collect(),
+                    early_interval: (qos.emit == EmitPolicy::Early).then_some(qos.early_interval),
+                    checkpoint_interval: topology.state.checkpoint_interval,
+                };
+                let health = Arc::clone(health);
+                Merge::new(options, source, sink, results, global, on_result, health).run(&stop)
             }));
         }
         if let Some((resume, view)) = table_task {
@@ -315,6 +359,28 @@ fn marker_topic(topology: &Topology) -> Option<String> {
         .then(|| format!("{}-transactions", topology.group_id()))
 }
 
+/// The number of partitions of the input topic; an error naming it when it does not exist.
+fn input_partitions(config: &rdkafka::ClientConfig, topic: &str) -> Result<i32, PipelineError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let client: BaseConsumer = config
+        .clone()
+        .set("allow.auto.create.topics", "false")
+        .create()
+        .map_err(PipelineError::kafka("creating a metadata client"))?;
+    let metadata = client
+        .fetch_metadata(Some(topic), std::time::Duration::from_secs(10))
+        .map_err(PipelineError::kafka(format!("reading metadata of {topic}")))?;
+    match metadata.topics().first() {
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+            Ok(t.partitions().len() as i32)
+        }
+        _ => Err(PipelineError::Other(format!(
+            "the input topic {topic} does not exist: create it (with at least as many partitions \
+             as instances you will run), or set `source.topic` to an existing topic"
+        ))),
+    }
+}
+
 /// The changelog topics of the input task's stores: the QoS windows (and sessions and QoE
 /// with `qos.qoe`), the DAU days, and the input positions they stand for.
 fn changelog(topology: &Topology, endpoints: &Endpoints) -> Option<Changelog> {
@@ -397,35 +463,15 @@ fn task(
     operators: Vec<Box<dyn Operator>>,
     health: &Arc<Health>,
 ) -> Result<Task, PipelineError> {
-    let producer = producer_config(&endpoints.brokers, &topology.sink.kafka);
-    let dead_letter = &topology.sink.dead_letter_topic;
-    let sink = match &options.transactions {
-        // One transactional id per task and instance: a restarted instance fences its
-        // earlier self; other instances are fenced through the group's generation.
-        Some(_) => Sink::transactional(
-            &producer,
-            dead_letter,
-            topic,
-            &format!(
-                "{group}-{}-{}",
-                options.name,
-                instance_id(topology, endpoints)
-            ),
-        )?,
-        None => Sink::new(&producer, dead_letter, topic)?,
-    };
-    let mut consumer = consumer_config(&endpoints.brokers, group, &topology.source.kafka);
-    // Static membership: a restarting instance keeps its partitions without a rebalance.
-    if consumer.get("group.instance.id").is_none() {
-        consumer.set("group.instance.id", instance_id(topology, endpoints));
-    }
-    // Idle means caught up: partition EOF says the consumer has read all the broker holds.
-    consumer.set("enable.partition.eof", "true");
-    if options.transactions.is_some() {
-        // Upstream transactions that aborted are never read.
-        consumer.set("isolation.level", "read_committed");
-    }
-    let source = Source::subscribe(&consumer, topic)?;
+    let transactional = options.transactions.is_some();
+    let (source, sink) = connect(
+        topology,
+        endpoints,
+        topic,
+        group,
+        options.name,
+        transactional,
+    )?;
     Ok(Task::new(
         options,
         source,
@@ -435,6 +481,41 @@ fn task(
         operators,
         Arc::clone(health),
     ))
+}
+
+/// A member of consumer group `group` reading `topic` (partition ends reported, static
+/// membership, committed data only with exactly-once), and the producer of task `name`:
+/// transactional with one id per task and instance, so a restarted instance fences its
+/// earlier self and other instances are fenced through the group's generation.
+fn connect(
+    topology: &Topology,
+    endpoints: &Endpoints,
+    topic: &str,
+    group: &str,
+    name: &str,
+    transactional: bool,
+) -> Result<(Source, Sink), PipelineError> {
+    let producer = producer_config(&endpoints.brokers, &topology.sink.kafka);
+    let dead_letter = &topology.sink.dead_letter_topic;
+    let instance = instance_id(topology, endpoints);
+    let sink = if transactional {
+        let id = format!("{group}-{name}-{instance}");
+        Sink::transactional(&producer, dead_letter, topic, &id)?
+    } else {
+        Sink::new(&producer, dead_letter, topic)?
+    };
+    let mut consumer = consumer_config(&endpoints.brokers, group, &topology.source.kafka);
+    // Idle means caught up: partition EOF says the consumer has read all the broker holds.
+    consumer.set("enable.partition.eof", "true");
+    // Static membership: a restarting instance keeps its partitions without a rebalance.
+    if consumer.get("group.instance.id").is_none() {
+        consumer.set("group.instance.id", &instance);
+    }
+    if transactional {
+        // Upstream transactions that aborted are never read.
+        consumer.set("isolation.level", "read_committed");
+    }
+    Ok((Source::subscribe(&consumer, topic)?, sink))
 }
 
 /// The resume-table operator, after its table is restored from its topic on a new machine.

@@ -359,6 +359,11 @@ pub fn table_restore_remaining(records: i64) {
     gauge!("marquee_table_restore_remaining_records").set(records as f64);
 }
 
+/// Partials of windows the merge had already emitted (a replay of phase one), deleted again.
+pub fn stale_partials(n: u64) {
+    counter!("marquee_merge_stale_partials_total").increment(n);
+}
+
 /// Changelog records a running restore still has to read.
 pub fn restore_remaining(records: i64) {
     gauge!("marquee_restore_remaining_records").set(records as f64);

@@ -2,13 +2,11 @@
 //!
 //! A partition's watermark is the largest event time it has delivered minus the allowed
 //! out-of-orderness: records with event times below it are no longer expected. The operator
-//! watermark is the minimum over every partition of the input topic except owned partitions
-//! that have gone idle: caught up with everything the broker holds and without a record for
-//! the idle timeout (a stall of Marquee itself restarts that clock). A partition this
-//! instance does not own (yet, or any more: during a rebalance, or after a restart before the
-//! group has settled) is never idle, since nothing here can tell whether it is quiet; it holds
-//! windows open at its last checkpointed watermark, so no window closes without all of its
-//! partitions' records.
+//! watermark is the minimum over the partitions this instance owns except those that have gone
+//! idle: caught up with everything the broker holds and without a record for the idle timeout
+//! (a stall of Marquee itself restarts that clock). Partitions owned elsewhere count where
+//! the partitions meet: the merge of partial aggregates waits for every input partition's
+//! progress, whoever owns it.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -22,8 +20,6 @@ struct PartitionClock {
     last_activity: Instant,
     /// Paused by watermark alignment: never idle, since it is quiet on purpose.
     paused: bool,
-    /// Owned by this instance; only owned partitions can be seen to be idle.
-    owned: bool,
     /// The consumer has read everything the broker holds for it (as of the last tick).
     caught_up: bool,
 }
@@ -46,17 +42,6 @@ impl Watermarks {
         }
     }
 
-    /// Tracks `partition` of the input topic, owned or not, at its checkpointed event time.
-    pub fn track(&mut self, partition: i32, max_event_time: Option<i64>, now: Instant) {
-        self.partitions.entry(partition).or_insert(PartitionClock {
-            max_event_time,
-            last_activity: now,
-            paused: false,
-            owned: false,
-            caught_up: false,
-        });
-    }
-
     /// This instance now owns `partition`, restored to its checkpointed event time.
     pub fn assign(&mut self, partition: i32, max_event_time: Option<i64>, now: Instant) {
         self.partitions.insert(
@@ -65,18 +50,14 @@ impl Watermarks {
                 max_event_time,
                 last_activity: now,
                 paused: false,
-                owned: true,
                 caught_up: false,
             },
         );
     }
 
-    /// This instance no longer owns `partition`: it holds windows open at its last watermark.
+    /// This instance no longer owns `partition`.
     pub fn disown(&mut self, partition: i32) {
-        if let Some(clock) = self.partitions.get_mut(&partition) {
-            clock.owned = false;
-            clock.paused = false;
-        }
+        self.partitions.remove(&partition);
     }
 
     /// A record arrived on `partition` (decodable or not): it is neither idle nor caught up.
@@ -129,7 +110,7 @@ impl Watermarks {
     pub fn alignment_floor(&self) -> Option<i64> {
         self.partitions
             .iter()
-            .filter(|(_, c)| c.owned && !c.caught_up)
+            .filter(|(_, c)| !c.caught_up)
             .map(|(&p, _)| self.partition(p))
             .min()
     }
@@ -152,8 +133,7 @@ impl Watermarks {
     /// partition with records still to read, however long Marquee takes to read them.
     pub fn is_idle(&self, partition: i32, now: Instant) -> bool {
         self.partitions.get(&partition).is_some_and(|c| {
-            c.owned
-                && !c.paused
+            !c.paused
                 && c.caught_up
                 && now.saturating_duration_since(c.last_activity) >= self.idle_timeout
         })
@@ -182,27 +162,14 @@ mod tests {
     }
 
     #[test]
-    fn a_partition_not_owned_holds_windows_open_and_is_never_idle() {
+    fn a_revoked_partition_no_longer_counts() {
         let now = Instant::now();
         let mut w = marks();
-        w.track(0, Some(2_000), now);
-        w.track(1, None, now);
+        w.assign(0, Some(2_000), now);
         w.assign(1, Some(9_000), now);
-        let later = now + Duration::from_secs(60);
-        assert!(!w.is_idle(0, later));
-        w.touch(1, later);
-        assert_eq!(
-            w.operator(later),
-            Some(1_900),
-            "partition 0 is someone else's: its watermark counts"
-        );
-        w.disown(1);
-        assert_eq!(w.operator(later + Duration::from_secs(60)), Some(1_900));
-        assert_eq!(
-            w.partition(1),
-            8_900,
-            "a disowned partition keeps its watermark"
-        );
+        assert_eq!(w.operator(now), Some(1_900));
+        w.disown(0);
+        assert_eq!(w.operator(now), Some(8_900));
     }
 
     #[test]
@@ -262,7 +229,6 @@ mod tests {
     fn alignment_waits_for_partitions_with_records_to_read_only() {
         let now = Instant::now();
         let mut w = marks();
-        w.track(9, Some(0), now); // someone else's: never holds alignment back
         w.assign(0, Some(5_000), now);
         w.assign(1, None, now);
         assert_eq!(w.alignment_floor(), Some(i64::MIN), "1 has not started yet");

@@ -135,7 +135,13 @@ fn commit_end_offsets(brokers: &str, group: &str, topic: &str) {
         tpl.add_partition_offset(topic, p, rdkafka::Offset::Offset(high))
             .unwrap();
     }
-    consumer.commit(&tpl, CommitMode::Sync).unwrap();
+    // A stopped instance stays a static member of the group until its session times out,
+    // and the group refuses commits from outside it until then.
+    wait_for(
+        "the group to accept the commit",
+        Duration::from_secs(60),
+        || consumer.commit(&tpl, CommitMode::Sync).ok(),
+    );
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {

@@ -377,13 +377,13 @@ impl Sink {
             .unwrap_or_default()
     }
 
-    /// Sends `records` and `marker` and commits `offsets` for the consumer group `group` in
-    /// one transaction. A record the broker refuses because of the record itself aborts the
+    /// Sends `records` and `marker` (if any) and commits `offsets` for the consumer group
+    /// `group` in one transaction. A record the broker refuses because of the record itself aborts the
     /// attempt; it is then replaced by its dead-letter copy and the transaction retried.
     pub fn publish(
         &self,
         records: &[Pending],
-        marker: &Pending,
+        marker: Option<&Pending>,
         offsets: &rdkafka::TopicPartitionList,
         group: &rdkafka::consumer::ConsumerGroupMetadata,
     ) -> Result<(), PipelineError> {
@@ -393,7 +393,7 @@ impl Sink {
             self.producer
                 .begin_transaction()
                 .map_err(kafka("beginning a transaction"))?;
-            for r in records.iter().chain([marker]) {
+            for r in records.iter().chain(marker) {
                 send_with_backpressure(&self.producer, r.record())?;
             }
             let committed = if offsets.count() > 0 {

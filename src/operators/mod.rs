@@ -2,6 +2,7 @@
 //! when (see [`crate::runtime::Operator`]).
 
 pub mod dau;
+pub mod partials;
 pub mod qos;
 pub mod repartition;
 pub mod table;

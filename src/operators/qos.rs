@@ -1,11 +1,20 @@
-//! QoS windows: per window (tumbling or hopping) and group, concurrent viewers, play and
-//! rebuffer time, rebuffer events and ratio; one final result per window and group once the
-//! operator watermark passes its end plus grace, and with the `early` policy an updated,
-//! not-final result every `early_interval` of wall clock for each window that changed. A
-//! record whose window its partition's watermark (or an emitted window) has passed is late: it
-//! changes nothing, and the runtime writes it unchanged to the late topic.
+//! QoS windows, phase one: per owned input partition, window (tumbling or hopping) and group,
+//! concurrent viewers, play and rebuffer time, rebuffer events and the session lifecycle's
+//! QoE. Each partition's aggregate of a window goes to the internal partials topic when the
+//! window closes here (and, with the `early` policy, every `early_interval` while it changes),
+//! followed by the partition's progress; the merge ([`crate::runtime::merge`]) adds the
+//! partitions up and emits the results. A record whose window its partition's watermark (or a
+//! window closed here) has passed is late: it changes nothing, and the runtime writes it
+//! unchanged to the late topic.
+//!
+//! Windows close here at the operator watermark of the owned partitions, or at the global
+//! watermark the merge computes from every partition's progress when that is further: an
+//! instance whose partitions are all idle then still closes windows, and a record its idle
+//! partition receives for a window the others have closed is late here, never a partial the
+//! merge would have to refuse.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,36 +23,44 @@ use rustc_hash::FxHashMap;
 
 use crate::config::{Dimension, EmitPolicy, QosConfig};
 use crate::error::PipelineError;
-use crate::io::sink::Output;
 use crate::metrics;
+use crate::operators::partials::{partition_of, PartialRecord};
 use crate::record::{PlaybackEvent, QosWindow};
 use crate::runtime::{Context, Handled, Operator, Record};
 use crate::session::{Dims, Fact, Session};
 use crate::state::PartitionMeta;
 use crate::state::{Store, QOS_FRONTIER};
-use crate::window::{slot, slot_name, PartitionWindows, WindowPartial, WindowSpec};
+use crate::window::{PartitionWindows, WindowPartial, WindowSpec};
 
 /// Called with every final result as it is emitted (the demo prints them).
 pub type ResultHook = Box<dyn FnMut(&QosWindow) + Send>;
 
-/// The QoS window operator.
+/// Where phase one writes: the internal partials topic and its partition count.
+#[derive(Debug, Clone)]
+pub struct PartialsTopic {
+    pub topic: String,
+    pub partitions: i32,
+}
+
+/// The global watermark the merge computes from every input partition's progress, shared
+/// with phase one; `i64::MIN` while unknown.
+pub type GlobalWatermark = Arc<AtomicI64>;
+
+/// The QoS window operator (phase one).
 pub struct QosWindows {
     spec: WindowSpec,
     dimensions: Vec<Dimension>,
-    gauge_slots: Vec<u8>,
     store: Arc<Store>,
-    results: Output,
+    partials: PartialsTopic,
+    global: GlobalWatermark,
     /// Open windows per owned input partition.
     parts: BTreeMap<i32, PartitionWindows>,
-    /// Highest operator watermark at which windows were closed: anything at or below is final.
+    /// Highest watermark at which windows were closed here: anything at or below is final.
     closed_through: i64,
     /// Emitted windows whose state is deleted at the next checkpoint.
     emitted: Vec<(i32, i64)>,
-    on_result: Option<ResultHook>,
-    /// Gauges of the newest window with results.
-    gauges: metrics::LastWindowGauges,
-    /// Start of the window the gauges show: an older window's results never replace them.
-    gauge_window: i64,
+    /// The progress last written for each owned partition.
+    progress: BTreeMap<i32, (i64, bool, i64)>,
     /// The `early` policy's interval; `None` for `final`.
     early_interval: Option<Duration>,
     /// When early results were last written.
@@ -98,20 +115,24 @@ impl Sessions {
 }
 
 impl QosWindows {
-    /// The operator of `qos`, writing results to `results`.
-    pub fn new(qos: &QosConfig, store: Arc<Store>, results: Output) -> Result<Self, PipelineError> {
+    /// The operator of `qos`, writing partials to `partials`, closing windows no earlier
+    /// than the `global` watermark.
+    pub fn new(
+        qos: &QosConfig,
+        store: Arc<Store>,
+        partials: PartialsTopic,
+        global: GlobalWatermark,
+    ) -> Result<Self, PipelineError> {
         Ok(Self {
             spec: WindowSpec::new(qos.window, qos.advance.unwrap_or(qos.window), qos.grace),
             dimensions: qos.dimensions.clone(),
-            gauge_slots: qos.gauge_dimensions.iter().map(|d| slot(*d)).collect(),
             closed_through: store.closed_through(QOS_FRONTIER)?.unwrap_or(i64::MIN),
             store,
-            results,
+            partials,
+            global,
             parts: BTreeMap::new(),
             emitted: Vec::new(),
-            on_result: None,
-            gauges: metrics::LastWindowGauges::default(),
-            gauge_window: i64::MIN,
+            progress: BTreeMap::new(),
             early_interval: (qos.emit == EmitPolicy::Early).then_some(qos.early_interval),
             last_early: Instant::now(),
             changed: BTreeSet::new(),
@@ -124,45 +145,60 @@ impl QosWindows {
         })
     }
 
-    /// Calls `hook` with every final result as it is emitted.
-    pub fn on_result(mut self, hook: Option<ResultHook>) -> Self {
-        self.on_result = hook;
-        self
-    }
-
-    fn gauge_slot(&self, dimension: &str) -> bool {
-        dimension == "all" || self.gauge_slots.iter().any(|&s| slot_name(s) == dimension)
-    }
-
-    /// Sends the results of each window in `windows` (merged over partitions), and points
-    /// the gauges at the newest one unless they already show a newer window.
-    fn emit(
-        &mut self,
+    /// Writes partition `partition`'s aggregate of each window in `windows` to the partials
+    /// topic.
+    fn send_partials<'w>(
+        &self,
         ctx: &Context<'_>,
-        windows: &BTreeMap<i64, WindowPartial>,
-        is_final: bool,
+        partition: i32,
+        windows: impl Iterator<Item = (i64, &'w WindowPartial)>,
     ) -> Result<u64, PipelineError> {
-        let mut emitted = 0;
-        let newest = windows.keys().next_back().copied();
-        let mut gauges = Vec::new();
+        let mut sent = 0;
         for (start, partial) in windows {
-            for result in partial.results(&self.spec, *start, is_final, self.qoe.is_some()) {
-                ctx.sink
-                    .send_result(&self.results, &result.key(), &result, None, &[])?;
-                emitted += 1;
-                if let Some(hook) = self.on_result.as_mut().filter(|_| is_final) {
-                    hook(&result);
-                }
-                if Some(*start) == newest && self.gauge_slot(&result.dimension) {
-                    gauges.push(result);
+            for (slot, groups) in partial.groups.iter().enumerate() {
+                for (group, agg) in groups {
+                    let record = PartialRecord::Partial {
+                        start,
+                        slot: slot as u8,
+                        group: group.to_string(),
+                        source: partition,
+                        agg: Some(Box::new(agg.clone())),
+                    };
+                    let to = partition_of(start, slot as u8, group, self.partials.partitions);
+                    let (key, value) = record.encode();
+                    ctx.sink
+                        .send_raw(&self.partials.topic, &key, value.as_deref(), to, None)?;
+                    sent += 1;
                 }
             }
         }
-        if let Some(start) = newest.filter(|s| *s >= self.gauge_window) {
-            self.gauge_window = start;
-            self.gauges.publish(&gauges);
+        Ok(sent)
+    }
+
+    /// Writes the progress of each owned partition that changed to every partition of the
+    /// partials topic, after the partials it covers.
+    fn send_progress(&mut self, ctx: &Context<'_>) -> Result<(), PipelineError> {
+        for mark in ctx.partitions {
+            let now = (mark.watermark, mark.idle, self.closed_through);
+            if !self.parts.contains_key(&mark.partition)
+                || self.progress.get(&mark.partition) == Some(&now)
+            {
+                continue;
+            }
+            self.progress.insert(mark.partition, now);
+            let (key, value) = PartialRecord::Progress {
+                source: mark.partition,
+                watermark: now.0,
+                idle: now.1,
+                closed_through: now.2,
+            }
+            .encode();
+            for to in 0..self.partials.partitions {
+                ctx.sink
+                    .send_raw(&self.partials.topic, &key, value.as_deref(), to, None)?;
+            }
         }
-        Ok(emitted)
+        Ok(())
     }
 
     /// Decides the session facts that the windows closing at `watermark` need, adds them to
@@ -241,6 +277,7 @@ impl Operator for QosWindows {
 
     fn revoke(&mut self, partition: i32) {
         self.parts.remove(&partition);
+        self.progress.remove(&partition);
         if let Some(qoe) = &mut self.qoe {
             qoe.parts.remove(&partition);
         }
@@ -276,29 +313,26 @@ impl Operator for QosWindows {
         Ok(Handled::Applied)
     }
 
-    /// Merges and emits every window closed at operator watermark `watermark`.
+    /// Closes every window closed at operator watermark `watermark` (or the global one, when
+    /// further), writes each partition's aggregate of it, then the partitions' progress.
     fn on_watermark(&mut self, ctx: &Context<'_>, watermark: i64) -> Result<(), PipelineError> {
+        let watermark = watermark.max(self.global.load(Ordering::Acquire));
         self.decide_sessions(watermark);
-        let mut closed: BTreeMap<i64, WindowPartial> = BTreeMap::new();
+        let mut closed = Vec::new();
         for (&p, windows) in self.parts.iter_mut() {
             for (start, partial) in windows.take_closed(&self.spec, watermark) {
-                closed.entry(start).or_default().merge(&partial);
-                self.emitted.push((p, start));
+                closed.push((p, start, partial));
             }
         }
         self.closed_through = self.closed_through.max(watermark);
         let open: usize = self.parts.values().map(|w| w.windows.len()).sum();
         metrics::windows_open(open);
-        if closed.is_empty() {
-            return Ok(());
-        }
-        for start in closed.keys() {
+        for (p, start, partial) in &closed {
             self.changed.remove(start);
+            self.send_partials(ctx, *p, std::iter::once((*start, partial)))?;
+            self.emitted.push((*p, *start));
         }
-        let emitted = self.emit(ctx, &closed, true)?;
-        metrics::windows_closed(closed.len() as u64);
-        metrics::results_emitted(emitted);
-        Ok(())
+        self.send_progress(ctx)
     }
 
     /// With the `early` policy, writes not-final results of the open windows that changed.
@@ -310,17 +344,14 @@ impl Operator for QosWindows {
             return Ok(());
         }
         self.last_early = ctx.now;
-        let mut open: BTreeMap<i64, WindowPartial> = BTreeMap::new();
-        for windows in self.parts.values() {
-            for start in &self.changed {
-                if let Some(partial) = windows.windows.get(start) {
-                    open.entry(*start).or_default().merge(partial);
-                }
-            }
+        for (&p, windows) in &self.parts {
+            let changed = self
+                .changed
+                .iter()
+                .filter_map(|start| Some((*start, windows.windows.get(start)?)));
+            self.send_partials(ctx, p, changed)?;
         }
         self.changed.clear();
-        let emitted = self.emit(ctx, &open, false)?;
-        metrics::early_results_emitted(emitted);
         Ok(())
     }
 

@@ -7,6 +7,7 @@
 //! emits and when: it is handed each accepted event, each advance of the operator watermark
 //! (event time: final results) and each wall-clock tick (early results, rate limits).
 
+pub mod merge;
 mod task;
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -48,6 +49,16 @@ pub struct Context<'a> {
     pub sink: &'a Sink,
     /// The wall clock of the current tick.
     pub now: Instant,
+    /// The owned input partitions' watermarks and idleness as of the last tick.
+    pub partitions: &'a [PartitionMark],
+}
+
+/// An owned input partition's watermark and idleness at a tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionMark {
+    pub partition: i32,
+    pub watermark: i64,
+    pub idle: bool,
 }
 
 /// A unit of stream processing that the runtime drives. The checkpoint order is fixed by the

@@ -27,7 +27,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use tokio_util::sync::CancellationToken;
 
-use super::{Context, Handled, Operator, Record};
+use super::{Context, Handled, Operator, PartitionMark, Record};
 use crate::check::check;
 use crate::error::PipelineError;
 use crate::io::changelog::Changelog;
@@ -115,6 +115,8 @@ struct Core {
     store: Arc<Store>,
     operators: Vec<Box<dyn Operator>>,
     marks: Watermarks,
+    /// The owned partitions' watermarks and idleness as of the last tick.
+    partition_marks: Vec<PartitionMark>,
     parts: BTreeMap<i32, PartitionState>,
     topic: String,
     /// Wall clock of the current tick, for idleness.
@@ -143,6 +145,7 @@ impl Task {
     ) -> Self {
         let core = Core {
             marks: Watermarks::new(options.out_of_orderness, options.idle_timeout),
+            partition_marks: Vec::new(),
             topic: source.topic().to_string(),
             options,
             decoder,
@@ -217,9 +220,6 @@ impl Core {
             Assignment::Assigned(partitions) => {
                 // The group is joined: what a crash left unsent can now be settled.
                 if !self.recovered {
-                    if let Some(changelog) = &self.options.changelog {
-                        changelog.ensure_topics(source.partition_count()?)?;
-                    }
                     self.settle_outbox(source, &partitions)?;
                     self.recovered = true;
                 }
@@ -227,21 +227,7 @@ impl Core {
                 for p in partitions {
                     self.assign(p)?;
                 }
-                // Partitions owned by no one here still hold windows open (see `watermark`).
-                let total = source.partition_count()?;
-                for p in 0..total {
-                    let max = self.partition_meta(p)?.and_then(|m| m.max_event_time);
-                    self.marks.track(p, max, self.now);
-                }
-                if (self.parts.len() as i32) < total {
-                    tracing::warn!(
-                        task = self.options.name,
-                        owned = self.parts.len(),
-                        total,
-                        "this instance owns only some input partitions: windows close once it owns all \
-                         (or the rebalance settles); one instance per topology until the two-phase merge exists"
-                    );
-                }
+                tracing::info!(task = self.options.name, owned = ?self.parts.keys().collect::<Vec<_>>(), "partitions assigned");
                 // Ready once the assigned partitions' state is restored.
                 self.health.set_ready(self.options.name, true);
             }
@@ -392,6 +378,7 @@ impl Core {
         let ctx = Context {
             sink: &self.sink,
             now: self.now,
+            partitions: &self.partition_marks,
         };
         let mut late = None;
         for op in &mut self.operators {
@@ -451,9 +438,18 @@ impl Core {
         self.now = now;
         self.health
             .add_processed(std::mem::take(&mut self.processed));
+        self.partition_marks.clear();
+        for &p in self.parts.keys() {
+            self.partition_marks.push(PartitionMark {
+                partition: p,
+                watermark: self.marks.partition(p),
+                idle: self.marks.is_idle(p, now),
+            });
+        }
         let ctx = Context {
             sink: &self.sink,
             now,
+            partitions: &self.partition_marks,
         };
         if let Some(watermark) = self.marks.operator(now) {
             for op in &mut self.operators {
@@ -525,6 +521,7 @@ impl Core {
         let ctx = Context {
             sink: &self.sink,
             now: started,
+            partitions: &self.partition_marks,
         };
         for op in &mut self.operators {
             op.before_flush(&ctx, all)?;
@@ -640,7 +637,7 @@ impl Core {
             PipelineError::Other("the consumer has no group metadata for a transaction".into())
         })?;
         self.sink
-            .publish(records, &marker, &source.offset_list(offsets), &group)
+            .publish(records, Some(&marker), &source.offset_list(offsets), &group)
     }
 
     /// Once per run, what the last checkpoint before a crash may have left unsent: its

@@ -863,7 +863,7 @@ fn merge_groups(
 /// A group's QoE value: attempts, start failures, exits before start, Σ bitrate × play_ms
 /// (i128), Σ play_ms with a rendition, then the startup DDSketch in its Java encoding. Merge
 /// operands have the same shape: [`merge_qoe`] adds the counters and merges the sketches.
-fn encode_qoe(qoe: &Qoe) -> Vec<u8> {
+pub fn encode_qoe(qoe: &Qoe) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
     for counter in [qoe.attempts, qoe.start_failures, qoe.exits_before_start] {
         out.extend_from_slice(&counter.to_le_bytes());
@@ -874,7 +874,8 @@ fn encode_qoe(qoe: &Qoe) -> Vec<u8> {
     out
 }
 
-fn decode_qoe(bytes: &[u8]) -> Option<Qoe> {
+/// Decodes [`encode_qoe`].
+pub fn decode_qoe(bytes: &[u8]) -> Option<Qoe> {
     let word = |i: usize| Some(i64::from_le_bytes(bytes.get(i..i + 8)?.try_into().ok()?));
     Some(Qoe {
         attempts: word(0)?,
@@ -900,7 +901,19 @@ fn merge_qoe(
     Some(encode_qoe(&total))
 }
 
-fn decode_group(bytes: &[u8]) -> Option<GroupAgg> {
+/// A whole group aggregate in the window store's value shape (counters, then viewers).
+pub fn encode_group(agg: &GroupAgg, out: &mut Vec<u8>) {
+    out.reserve(24 + 8 * agg.viewers.len());
+    for counter in [agg.play_ms, agg.rebuffer_ms, agg.rebuffer_events] {
+        out.extend_from_slice(&counter.to_le_bytes());
+    }
+    for session in &agg.viewers {
+        out.extend_from_slice(&session.to_le_bytes());
+    }
+}
+
+/// Decodes a window-store value ([`encode_group`]); the QoE part is left empty.
+pub fn decode_group(bytes: &[u8]) -> Option<GroupAgg> {
     if bytes.len() < 24 || bytes.len() % 8 != 0 {
         return None;
     }

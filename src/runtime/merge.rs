@@ -1,0 +1,461 @@
+//! Phase two of the QoS aggregation: the merge task. It reads the internal partials topic
+//! in its own consumer group, so each window and group has exactly one owner among the
+//! instances, and emits a window's results once every input partition's progress says its
+//! owner has closed the window: never on the set of partitions one instance happens to own.
+//!
+//! Its state lives in the compacted partials topic itself (see [`crate::operators::partials`]):
+//! an assigned partition is read from its beginning, the merge deletes a window's partials
+//! after emitting it and records its frontier there, so a new owner (or a restart) rebuilds
+//! exactly what is still open. With exactly-once, each checkpoint's results, deletions and
+//! frontier are one Kafka transaction, fenced by the merge group's generation.
+//!
+//! It also computes the global watermark (the minimum over every input partition that is not
+//! idle) that phase one closes windows at when its own partitions are all quiet.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::PipelineError;
+use crate::io::sink::{Output, Sink};
+use crate::io::source::{Assignment, Source};
+use crate::metrics;
+use crate::operators::partials::PartialRecord;
+use crate::operators::qos::{GlobalWatermark, ResultHook};
+use crate::serve::http::Health;
+use crate::window::{slot_name, GroupAgg, WindowPartial, WindowSpec};
+
+/// Name of the merge in `/readyz`.
+pub const MERGE_TASK: &str = "qos-merge";
+/// How often windows are checked for closing and the global watermark recomputed.
+const TICK: Duration = Duration::from_millis(100);
+
+/// What the merge needs to know of the topology.
+pub struct MergeOptions {
+    /// The internal partials topic.
+    pub topic: String,
+    /// Number of input partitions: a window closes once all of them have closed it.
+    pub sources: i32,
+    pub spec: WindowSpec,
+    pub qoe: bool,
+    /// Dimension slots with gauges (besides `all`).
+    pub gauge_slots: Vec<u8>,
+    /// The `early` policy's interval; `None` for `final`.
+    pub early_interval: Option<Duration>,
+    pub checkpoint_interval: Duration,
+}
+
+/// A source partition's last progress record.
+#[derive(Debug, Clone, Copy)]
+struct Progress {
+    watermark: i64,
+    idle: bool,
+    closed_through: i64,
+}
+
+/// Open windows of one window start: each group's partial per source partition.
+type Groups = BTreeMap<(u8, Box<str>), BTreeMap<i32, GroupAgg>>;
+
+/// The merge state of one partition of the partials topic.
+#[derive(Default)]
+struct MergePartition {
+    windows: BTreeMap<i64, Groups>,
+    progress: BTreeMap<i32, Progress>,
+    /// Every window closed at this watermark was emitted.
+    frontier: Option<i64>,
+    /// Open windows changed since early results were last written.
+    changed: BTreeSet<i64>,
+    /// The partition was read to its end since it was assigned: before that, a window whose
+    /// frontier record is still ahead may look open, so nothing is emitted.
+    rebuilt: bool,
+}
+
+impl MergePartition {
+    fn apply(&mut self, spec: &WindowSpec, record: PartialRecord) -> Option<PartialRecord> {
+        match record {
+            PartialRecord::Partial {
+                start,
+                slot,
+                group,
+                source,
+                agg,
+            } => {
+                if self.frontier.is_some_and(|f| spec.is_closed(start, f)) {
+                    // A replay of a partial already merged and emitted: delete it again.
+                    return agg.map(|_| {
+                        metrics::stale_partials(1);
+                        PartialRecord::Partial {
+                            start,
+                            slot,
+                            group,
+                            source,
+                            agg: None,
+                        }
+                    });
+                }
+                let groups = self.windows.entry(start).or_default();
+                let key = (slot, group.into_boxed_str());
+                match agg {
+                    Some(agg) => {
+                        groups.entry(key).or_default().insert(source, *agg);
+                        self.changed.insert(start);
+                    }
+                    None => {
+                        if let Some(sources) = groups.get_mut(&key) {
+                            sources.remove(&source);
+                            if sources.is_empty() {
+                                groups.remove(&key);
+                            }
+                        }
+                        if groups.is_empty() {
+                            self.windows.remove(&start);
+                        }
+                    }
+                }
+            }
+            PartialRecord::Progress {
+                source,
+                watermark,
+                idle,
+                closed_through,
+            } => {
+                self.progress.insert(
+                    source,
+                    Progress {
+                        watermark,
+                        idle,
+                        closed_through,
+                    },
+                );
+            }
+            PartialRecord::Frontier(f) => {
+                self.frontier = Some(self.frontier.map_or(f, |old| old.max(f)));
+            }
+        }
+        None
+    }
+
+    /// The watermark through which every source partition's owner has closed windows, once
+    /// all `sources` have reported.
+    fn closed_everywhere(&self, sources: i32) -> Option<i64> {
+        (0..sources)
+            .map(|p| self.progress.get(&p).map(|r| r.closed_through))
+            .min()
+            .flatten()
+    }
+
+    /// The minimum watermark over source partitions that are not idle (the largest when all
+    /// are), once all `sources` have reported.
+    fn global_watermark(&self, sources: i32) -> Option<i64> {
+        let all: Option<Vec<Progress>> = (0..sources)
+            .map(|p| self.progress.get(&p).copied())
+            .collect();
+        let all = all?;
+        let active = all.iter().filter(|r| !r.idle).map(|r| r.watermark).min();
+        active.or_else(|| all.iter().map(|r| r.watermark).max())
+    }
+}
+
+/// The sum of every source partition's partial of one window.
+fn merged(groups: &Groups) -> WindowPartial {
+    let mut partial = WindowPartial::default();
+    for ((slot, group), sources) in groups {
+        let agg = partial.group_mut(*slot, group);
+        for source in sources.values() {
+            agg.merge(source);
+        }
+    }
+    partial
+}
+
+/// The running merge task.
+pub struct Merge {
+    source: Source,
+    core: Core,
+}
+
+/// Everything but the consumer, so a borrowed message can be handled while it is held.
+struct Core {
+    options: MergeOptions,
+    sink: Sink,
+    results: Output,
+    global: GlobalWatermark,
+    parts: BTreeMap<i32, MergePartition>,
+    on_result: Option<ResultHook>,
+    gauges: metrics::LastWindowGauges,
+    /// Start of the window the gauges show: an older window's results never replace them.
+    gauge_window: i64,
+    last_early: Instant,
+    health: Arc<Health>,
+}
+
+impl Merge {
+    /// The merge over `source` (subscribed to the partials topic), writing results to
+    /// `results` through `sink` and the global watermark to `global`.
+    pub fn new(
+        options: MergeOptions,
+        source: Source,
+        sink: Sink,
+        results: Output,
+        global: GlobalWatermark,
+        on_result: Option<ResultHook>,
+        health: Arc<Health>,
+    ) -> Self {
+        let core = Core {
+            options,
+            sink,
+            results,
+            global,
+            parts: BTreeMap::new(),
+            on_result,
+            gauges: metrics::LastWindowGauges::default(),
+            gauge_window: i64::MIN,
+            last_early: Instant::now(),
+            health,
+        };
+        Self { source, core }
+    }
+
+    /// Runs until `shutdown`, then writes what it owes.
+    pub fn run(self, shutdown: &CancellationToken) -> Result<(), PipelineError> {
+        let Self {
+            source,
+            core: mut this,
+        } = self;
+        this.health.set_ready(MERGE_TASK, true);
+        let (mut last_tick, mut last_checkpoint) = (Instant::now(), Instant::now());
+        while !shutdown.is_cancelled() {
+            let polled = source.poll(Duration::from_millis(20));
+            if source.assignments_changed() {
+                for change in source.take_assignments() {
+                    this.reassign(&source, change)?;
+                }
+            }
+            match polled {
+                Some(Ok(message)) => this.handle(&message)?,
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    if let Some(part) = this.parts.get_mut(&p) {
+                        part.rebuilt = true;
+                    }
+                }
+                None => {}
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "merge consumer error; librdkafka retries")
+                }
+            }
+            if last_tick.elapsed() >= TICK {
+                this.tick()?;
+                last_tick = Instant::now();
+            }
+            if last_checkpoint.elapsed() >= this.options.checkpoint_interval {
+                this.checkpoint(&source)?;
+                last_checkpoint = Instant::now();
+            }
+        }
+        this.tick()?;
+        this.checkpoint(&source)
+    }
+}
+
+impl Core {
+    fn reassign(&mut self, source: &Source, change: Assignment) -> Result<(), PipelineError> {
+        match change {
+            Assignment::Assigned(partitions) => {
+                // The state of a partition is its content: it is read from the start, where
+                // a partition without a committed offset begins (the merge commits none, or
+                // 0 with exactly-once, where offsets only fence zombies).
+                for p in &partitions {
+                    self.parts.insert(*p, MergePartition::default());
+                }
+                tracing::info!(
+                    ?partitions,
+                    "merge partitions assigned; reading them from the start"
+                );
+            }
+            Assignment::Revoked(partitions) => {
+                self.checkpoint(source)?;
+                for p in partitions {
+                    self.parts.remove(&p);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, message: &BorrowedMessage<'_>) -> Result<(), PipelineError> {
+        let p = message.partition();
+        let Some(part) = self.parts.get_mut(&p) else {
+            return Ok(());
+        };
+        let Some(key) = message.key() else {
+            return Ok(());
+        };
+        let Some(record) = PartialRecord::decode(key, message.payload()) else {
+            tracing::warn!(
+                topic = %self.options.topic,
+                partition = p,
+                offset = message.offset(),
+                "not a partials record; skipped (is another application writing to this internal topic?)"
+            );
+            return Ok(());
+        };
+        if let Some(tombstone) = part.apply(&self.options.spec, record) {
+            let (key, value) = tombstone.encode();
+            self.sink
+                .send_raw(&self.options.topic, &key, value.as_deref(), p, None)?;
+        }
+        Ok(())
+    }
+
+    /// Publishes the global watermark, emits every window closed everywhere, and early
+    /// results when they are due.
+    fn tick(&mut self) -> Result<(), PipelineError> {
+        let sources = self.options.sources;
+        if let Some(g) = self
+            .parts
+            .values()
+            .filter_map(|m| m.global_watermark(sources))
+            .max()
+        {
+            self.global.fetch_max(g, Ordering::AcqRel);
+        }
+        let spec = self.options.spec;
+        let mut emitted: Vec<(i64, Vec<crate::record::QosWindow>)> = Vec::new();
+        let mut owed = Vec::new();
+        for (&p, part) in self.parts.iter_mut().filter(|(_, m)| m.rebuilt) {
+            let Some(closed) = part.closed_everywhere(sources) else {
+                continue;
+            };
+            if part.frontier.is_some_and(|f| f >= closed) {
+                continue;
+            }
+            let starts: Vec<i64> = part
+                .windows
+                .keys()
+                .copied()
+                .take_while(|s| spec.is_closed(*s, closed))
+                .collect();
+            for start in starts {
+                let groups = part.windows.remove(&start).expect("listed above");
+                part.changed.remove(&start);
+                let results = merged(&groups).results(&spec, start, true, self.options.qoe);
+                for ((slot, group), sources) in groups {
+                    for source in sources.into_keys() {
+                        owed.push((
+                            p,
+                            PartialRecord::Partial {
+                                start,
+                                slot,
+                                group: group.to_string(),
+                                source,
+                                agg: None,
+                            },
+                        ));
+                    }
+                }
+                emitted.push((start, results));
+            }
+            part.frontier = Some(closed);
+            owed.push((p, PartialRecord::Frontier(closed)));
+        }
+        self.emit(&mut emitted, true)?;
+        for (p, record) in owed {
+            let (key, value) = record.encode();
+            self.sink
+                .send_raw(&self.options.topic, &key, value.as_deref(), p, None)?;
+        }
+        self.early()
+    }
+
+    /// With the `early` policy, writes not-final results of the open windows that changed.
+    fn early(&mut self) -> Result<(), PipelineError> {
+        let Some(interval) = self.options.early_interval else {
+            return Ok(());
+        };
+        if self.last_early.elapsed() < interval {
+            return Ok(());
+        }
+        self.last_early = Instant::now();
+        let mut open = Vec::new();
+        for part in self.parts.values_mut() {
+            for start in std::mem::take(&mut part.changed) {
+                if let Some(groups) = part.windows.get(&start) {
+                    open.push((
+                        start,
+                        merged(groups).results(&self.options.spec, start, false, self.options.qoe),
+                    ));
+                }
+            }
+        }
+        let n = self.emit(&mut open, false)?;
+        metrics::early_results_emitted(n);
+        Ok(())
+    }
+
+    /// Sends `windows`' results and points the gauges at the newest final window unless they
+    /// already show a newer one. Returns the number of results sent.
+    fn emit(
+        &mut self,
+        windows: &mut [(i64, Vec<crate::record::QosWindow>)],
+        is_final: bool,
+    ) -> Result<u64, PipelineError> {
+        windows.sort_by_key(|(start, _)| *start);
+        let mut sent = 0;
+        for (_, results) in windows.iter() {
+            for result in results {
+                self.sink
+                    .send_result(&self.results, &result.key(), result, None, &[])?;
+                sent += 1;
+                if let Some(hook) = self.on_result.as_mut().filter(|_| is_final) {
+                    hook(result);
+                }
+            }
+        }
+        if is_final && !windows.is_empty() {
+            metrics::windows_closed(windows.len() as u64);
+            metrics::results_emitted(sent);
+            let newest = windows.iter().map(|(s, _)| *s).max().expect("not empty");
+            if newest >= self.gauge_window {
+                self.gauge_window = newest;
+                let slots = &self.options.gauge_slots;
+                let shown: Vec<_> = windows
+                    .iter()
+                    .filter(|(s, _)| *s == newest)
+                    .flat_map(|(_, r)| r)
+                    .filter(|r| {
+                        r.dimension == "all" || slots.iter().any(|&s| slot_name(s) == r.dimension)
+                    })
+                    .cloned()
+                    .collect();
+                self.gauges.publish(&shown);
+            }
+        }
+        Ok(sent)
+    }
+
+    /// Delivers what was sent (at least once), or commits it as one transaction.
+    fn checkpoint(&mut self, source: &Source) -> Result<(), PipelineError> {
+        if !self.sink.is_transactional() {
+            return self.sink.flush();
+        }
+        let records = self.sink.take_outbox();
+        if records.is_empty() {
+            return Ok(());
+        }
+        let group = source.group_metadata().ok_or_else(|| {
+            PipelineError::Other(
+                "the merge consumer has no group metadata for a transaction".into(),
+            )
+        })?;
+        // The offsets fence a zombie owner through the group's generation; the merge always
+        // reads its partitions from the start, so they stay at 0.
+        let offsets: Vec<(i32, i64)> = self.parts.keys().map(|&p| (p, 0)).collect();
+        self.sink
+            .publish(&records, None, &source.offset_list(&offsets), &group)
+    }
+}
