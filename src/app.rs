@@ -137,11 +137,11 @@ fn run_operators(
     )?;
     // Internal topics partitioned like the input: the changelogs and the QoS partials.
     let input_partitions = input_partitions(&producer, &topology.source.topic)?;
-    if let Some(changelog) = changelog(topology, endpoints) {
+    if let Some(changelog) = input_changelog(topology, endpoints) {
         changelog.ensure_topics(input_partitions)?;
     }
     let partials = topology.qos.as_ref().map(|_| PartialsTopic {
-        topic: format!("{}-qos-partials", topology.group_id()),
+        topic: partials_topic(topology),
         partitions: input_partitions,
     });
     if let Some(partials) = &partials {
@@ -383,21 +383,11 @@ fn input_partitions(config: &rdkafka::ClientConfig, topic: &str) -> Result<i32, 
 
 /// The changelog topics of the input task's stores: the QoS windows (and sessions and QoE
 /// with `qos.qoe`), the DAU days, and the input positions they stand for.
-fn changelog(topology: &Topology, endpoints: &Endpoints) -> Option<Changelog> {
-    let mut stores = Vec::new();
-    if let Some(qos) = &topology.qos {
-        stores.push(CF_WINDOWS);
-        if qos.qoe {
-            stores.extend([CF_QOE, CF_SESSIONS]);
-        }
-    }
-    if topology.dau.is_some() {
-        stores.push(CF_DAILY);
-    }
+pub fn input_changelog(topology: &Topology, endpoints: &Endpoints) -> Option<Changelog> {
+    let stores = changelogged_stores(topology);
     if stores.is_empty() {
         return None;
     }
-    stores.push(POSITIONS);
     Some(Changelog::new(
         &topology.group_id(),
         &stores,
@@ -410,6 +400,43 @@ fn changelog(topology: &Topology, endpoints: &Endpoints) -> Option<Changelog> {
         topology.processing.guarantee == Guarantee::ExactlyOnce,
         RESTORE_STALL,
     ))
+}
+
+/// The stores of the input task that have changelogs (none when it has no moving state).
+fn changelogged_stores(topology: &Topology) -> Vec<&'static str> {
+    let mut stores = Vec::new();
+    if let Some(qos) = &topology.qos {
+        stores.push(CF_WINDOWS);
+        if qos.qoe {
+            stores.extend([CF_QOE, CF_SESSIONS]);
+        }
+    }
+    if topology.dau.is_some() {
+        stores.push(CF_DAILY);
+    }
+    if !stores.is_empty() {
+        stores.push(POSITIONS);
+    }
+    stores
+}
+
+/// The QoS partials topic of the topology's group.
+fn partials_topic(topology: &Topology) -> String {
+    format!("{}-qos-partials", topology.group_id())
+}
+
+/// The internal topics partitioned like the input (changelogs, QoS partials), for brokers
+/// that cannot create topics on request (the demo's mock cluster).
+pub fn internal_topics(topology: &Topology) -> Vec<String> {
+    let group = topology.group_id();
+    let mut topics: Vec<String> = changelogged_stores(topology)
+        .into_iter()
+        .map(|s| crate::io::changelog::topic_name(&group, s))
+        .collect();
+    if topology.qos.is_some() {
+        topics.push(partials_topic(topology));
+    }
+    topics
 }
 
 /// The task reading the topology's input.
@@ -440,7 +467,7 @@ fn input_task(
                 marker_topic,
                 brokers: endpoints.brokers.clone(),
             }),
-            changelog: changelog(topology, endpoints),
+            changelog: input_changelog(topology, endpoints),
             ..task_options(topology)
         },
         registry,

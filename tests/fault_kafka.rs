@@ -51,3 +51,130 @@ fn a_leader_crash_in_the_middle_of_the_stream_changes_no_result() {
     assert_results_equal(&results_by_key(&results), &expected.results);
     assert_eq!(late_event_ids(&late), expected.late);
 }
+
+/// Many instances, exact results, exactly once. Three `marquee run` processes share one
+/// group over a six-partition input on the three-node cluster while the stream is written:
+/// one random instance is SIGKILLed and restarted on its state directory ten times, a fourth
+/// instance joins, one leaves for good, and a broker is restarted. The `read_committed` view
+/// of the results and late topics equals the single-instance reference, record for record,
+/// with no duplicate.
+#[test]
+fn instances_that_crash_join_and_leave_give_the_reference_results_exactly_once() {
+    use common::{registry, KillOnDrop};
+    use std::process::Command;
+
+    let mut cluster = Cluster::start();
+    let brokers = cluster.bootstrap.clone();
+    let input = unique("chaos");
+    common::create_topic(&brokers, &input, 6);
+    let dir = tempfile::tempdir().unwrap();
+    // Sessions spread over all six partitions.
+    let events: Vec<_> = dataset(97, 24_000)
+        .into_iter()
+        .map(|(_, e)| (marquee::tools::gen::partition_for(&e.session_id, 6), e))
+        .collect();
+    let expected = expected(&events);
+    let file = dir.path().join("chaos.toml");
+    let toml = common::qos::topology_toml(&input, &dir.path().join("unused"))
+        .replace("checkpoint_interval = \"200ms\"", "checkpoint_interval = \"1s\"")
+        + "[processing]\nguarantee = \"exactly_once\"\n[sink.kafka]\n\"transaction.timeout.ms\" = \"15000\"\n";
+    std::fs::write(&file, &toml).unwrap();
+    let topology = marquee::config::Topology::load(&file).unwrap();
+    let spawn = |n: usize| {
+        let state = dir.path().join(format!("instance-{n}"));
+        let child = Command::new(env!("CARGO_BIN_EXE_marquee"))
+            .args(["run", file.to_str().unwrap(), "--brokers", &brokers])
+            .args(["--registry", &registry().url()])
+            .args(["--state-dir", state.to_str().unwrap()])
+            .args(["--instance-id", &format!("chaos-{n}")])
+            .args(["--http", &format!("127.0.0.1:{}", common::free_port())])
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("marquee binary starts");
+        KillOnDrop(child)
+    };
+    let mut instances: Vec<Option<KillOnDrop>> = (0..3).map(|n| Some(spawn(n))).collect();
+    let feeder = Feeder::new(&brokers, &input);
+    let chunks: Vec<_> = events.chunks(events.len() / 12 + 1).collect();
+    let mut sent = 0;
+    let mut random = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |n: u64| {
+        random ^= random << 13;
+        random ^= random >> 7;
+        random ^= random << 17;
+        random % n
+    };
+    for (round, chunk) in chunks.iter().enumerate() {
+        for (i, (p, e)) in chunk.iter().enumerate() {
+            feeder.event(*p, e, sent + i);
+        }
+        feeder.flush();
+        sent += chunk.len();
+        std::thread::sleep(Duration::from_millis(500 + next(2_000)));
+        match round {
+            // A fourth instance joins.
+            4 => instances.push(Some(spawn(3))),
+            // One leaves for good.
+            7 => instances[1].take().unwrap().terminate(),
+            // A broker restarts: leadership moves and comes back.
+            9 => {
+                let leader = cluster.leader(&input, 0);
+                cluster.kill(leader);
+                std::thread::sleep(Duration::from_secs(3));
+                cluster.restart(leader);
+            }
+            _ => {}
+        }
+        if round < 10 {
+            // SIGKILL a random running instance at a random moment, restart it on its state.
+            let alive: Vec<usize> = (0..instances.len())
+                .filter(|&n| instances[n].is_some())
+                .collect();
+            let n = alive[next(alive.len() as u64) as usize];
+            instances[n].as_mut().unwrap().kill();
+            std::thread::sleep(Duration::from_millis(next(1_500)));
+            instances[n] = Some(spawn(n));
+        }
+    }
+    let results = common::wait_for("every result", Duration::from_secs(240), || {
+        let records = common::read_committed(
+            &brokers,
+            &topology.sink.topic,
+            expected.results.len(),
+            Duration::from_secs(2),
+            Duration::from_secs(15),
+        );
+        let keys: std::collections::BTreeSet<String> =
+            records.iter().map(|r| r.key_str()).collect();
+        (keys.len() >= expected.results.len()).then_some(records)
+    });
+    // Anything still in flight would show up as a duplicate now.
+    std::thread::sleep(Duration::from_secs(5));
+    let results_again = common::read_committed(
+        &brokers,
+        &topology.sink.topic,
+        usize::MAX,
+        Duration::from_secs(3),
+        Duration::from_secs(20),
+    );
+    let late = common::read_committed(
+        &brokers,
+        &topology.sink.late_topic,
+        usize::MAX,
+        Duration::from_secs(3),
+        Duration::from_secs(30),
+    );
+    drop(instances);
+    assert_results_equal(&results_by_key(&results), &expected.results);
+    assert_eq!(
+        results_again.len(),
+        expected.results.len(),
+        "every result exactly once"
+    );
+    assert_eq!(late_event_ids(&late), expected.late);
+    assert_eq!(
+        late.len(),
+        expected.late.len(),
+        "every late record exactly once"
+    );
+}

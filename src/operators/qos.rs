@@ -7,11 +7,11 @@
 //! window closed here) has passed is late: it changes nothing, and the runtime writes it
 //! unchanged to the late topic.
 //!
-//! Windows close here at the operator watermark of the owned partitions, or at the global
-//! watermark the merge computes from every partition's progress when that is further: an
-//! instance whose partitions are all idle then still closes windows, and a record its idle
-//! partition receives for a window the others have closed is late here, never a partial the
-//! merge would have to refuse.
+//! Windows close here at the operator watermark of the owned partitions; once all of them are
+//! idle, at the global watermark the merge computes from every partition's progress when that
+//! is further: an instance whose partitions are all quiet still closes windows, and a record
+//! its idle partition receives for a window the others have closed is late here, never a
+//! partial the merge would have to refuse.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -316,7 +316,15 @@ impl Operator for QosWindows {
     /// Closes every window closed at operator watermark `watermark` (or the global one, when
     /// further), writes each partition's aggregate of it, then the partitions' progress.
     fn on_watermark(&mut self, ctx: &Context<'_>, watermark: i64) -> Result<(), PipelineError> {
-        let watermark = watermark.max(self.global.load(Ordering::Acquire));
+        // The global watermark only counts once every owned partition is quiet: until then the
+        // owned partitions' own watermark is the bound (and a replay after a crash must not
+        // close at a global watermark that its own earlier progress raised).
+        let quiet = ctx.partitions.iter().all(|m| m.idle);
+        let watermark = if quiet {
+            watermark.max(self.global.load(Ordering::Acquire))
+        } else {
+            watermark
+        };
         self.decide_sessions(watermark);
         let mut closed = Vec::new();
         for (&p, windows) in self.parts.iter_mut() {

@@ -219,11 +219,21 @@ impl Core {
         match change {
             Assignment::Assigned(partitions) => {
                 // The group is joined: what a crash left unsent can now be settled.
+                let mut stale = self.stale(source, &partitions)?;
                 if !self.recovered {
-                    self.settle_outbox(source, &partitions)?;
+                    // Only what is still current may be sent again: a partition that another
+                    // instance processed since is restored from the changelogs instead.
+                    let current: Vec<i32> = partitions
+                        .iter()
+                        .copied()
+                        .filter(|p| !stale.contains(p))
+                        .collect();
+                    if self.settle_outbox(source, &current)? {
+                        stale = partitions.clone();
+                    }
                     self.recovered = true;
                 }
-                self.restore(source, &partitions)?;
+                self.restore(&stale)?;
                 for p in partitions {
                     self.assign(p)?;
                 }
@@ -255,12 +265,13 @@ impl Core {
         })
     }
 
-    /// Rebuilds from the changelog topics the newly assigned partitions whose local state is
-    /// missing or behind the group's committed offset (another instance processed them).
-    fn restore(&mut self, source: &Source, partitions: &[i32]) -> Result<(), PipelineError> {
-        let Some(changelog) = &self.options.changelog else {
-            return Ok(());
-        };
+    /// Of the newly assigned `partitions`, those whose local state is missing or behind the
+    /// group's committed offset (another instance processed them): with changelogs, they are
+    /// restored before they are processed.
+    fn stale(&self, source: &Source, partitions: &[i32]) -> Result<Vec<i32>, PipelineError> {
+        if self.options.changelog.is_none() {
+            return Ok(Vec::new());
+        }
         let new: Vec<i32> = partitions
             .iter()
             .copied()
@@ -270,22 +281,32 @@ impl Core {
         let mut stale = Vec::new();
         for p in new {
             let local = self.partition_meta(p)?;
+            // Without a committed offset the partition starts from its beginning, where empty
+            // state is right; with one, local state must have reached it.
             let behind = match (local, committed.get(&p)) {
-                (None, _) => true,
+                (_, None) => false,
+                (None, Some(_)) => true,
                 (Some(m), Some(&c)) => c > m.next_offset,
-                (Some(_), None) => false,
             };
             if behind {
                 stale.push(p);
             }
         }
+        Ok(stale)
+    }
+
+    /// Rebuilds `stale` partitions from the changelog topics.
+    fn restore(&mut self, stale: &[i32]) -> Result<(), PipelineError> {
+        let Some(changelog) = &self.options.changelog else {
+            return Ok(());
+        };
         if stale.is_empty() {
             return Ok(());
         }
         let name = self.options.name;
         self.health.set_ready(name, false);
         let health = &self.health;
-        changelog.restore(&self.store, name, &stale, |line| {
+        changelog.restore(&self.store, name, stale, |line| {
             health.set_progress(name, Some(line.to_string()))
         })?;
         self.health.set_progress(name, None);
@@ -644,7 +665,11 @@ impl Core {
     /// changelog records (at least once: sent again for the `assigned` partitions, whose
     /// values have not changed since), or, exactly-once, its outputs and changelog records
     /// unless the marker topic shows that its transaction committed.
-    fn settle_outbox(&mut self, source: &Source, assigned: &[i32]) -> Result<(), PipelineError> {
+    ///
+    /// Returns whether an uncommitted outbox was dropped instead: some of its partitions are
+    /// no longer (or no longer only) this instance's, so whoever owns them processes them
+    /// again from the committed offsets, and the local state, ahead of those, must be restored.
+    fn settle_outbox(&mut self, source: &Source, assigned: &[i32]) -> Result<bool, PipelineError> {
         let name = self.options.name;
         let mut changes = match &self.options.changelog {
             Some(_) => self.store.load_changelog_pending(name)?,
@@ -658,15 +683,30 @@ impl Core {
                 }
                 self.sink.flush()?;
             }
-            return Ok(());
+            return Ok(false);
         };
         let (number, stored) = self.store.load_outbox(name)?;
         self.checkpoint_number = number;
         if stored.is_empty() && changes.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let committed = last_marker(&tx, name)?;
-        if committed < Some(number) {
+        let mut previous = Vec::new();
+        for p in 0..source.partition_count()? {
+            if let Some(meta) = self.partition_meta(p)? {
+                previous.push((p, meta.next_offset));
+            }
+        }
+        let kept = previous.iter().all(|(p, _)| assigned.contains(p));
+        let dropped = committed < Some(number) && !kept;
+        if dropped {
+            tracing::warn!(
+                task = name,
+                checkpoint = number,
+                "the outputs of a checkpoint whose transaction did not commit are dropped: its \
+                 partitions moved, so they are processed again from the committed offsets"
+            );
+        } else if committed < Some(number) {
             let mut records = stored
                 .iter()
                 .map(|b| Pending::decode(b))
@@ -677,12 +717,7 @@ impl Core {
                     ))
                 })?;
             records.extend(self.changelog_records(&changes)?);
-            let mut offsets = Vec::new();
-            for p in 0..source.partition_count()? {
-                if let Some(meta) = self.partition_meta(p)? {
-                    offsets.push((p, meta.next_offset));
-                }
-            }
+            let offsets = previous;
             tracing::info!(
                 task = name,
                 checkpoint = number,
@@ -695,7 +730,7 @@ impl Core {
         self.store.stage_outbox_clear(&mut clear, name);
         self.store.stage_changelog_pending(&mut clear, name, &[]);
         self.store.commit(clear)?;
-        Ok(())
+        Ok(dropped)
     }
 }
 

@@ -58,6 +58,9 @@ pub struct BenchReport {
     pub wall_secs: f64,
     pub cpu_secs: f64,
     pub peak_rss_mib: f64,
+    /// Changelog records read back into an empty state directory, and how long it took.
+    pub restored: u64,
+    pub restore_secs: f64,
 }
 
 impl std::fmt::Display for BenchReport {
@@ -81,10 +84,17 @@ impl std::fmt::Display for BenchReport {
             self.events as f64 / self.cpu_secs
         )?;
         writeln!(f, "peak RSS (pipeline phase) {:.0} MiB", self.peak_rss_mib)?;
-        write!(
+        writeln!(
             f,
             "alignment                 {} pause(s), {} seek(s) back",
             self.pauses, self.seeks
+        )?;
+        write!(
+            f,
+            "restore                   {} changelog records in {:.2}s ({:.0} records/s)",
+            self.restored,
+            self.restore_secs,
+            self.restored as f64 / self.restore_secs.max(1e-9)
         )
     }
 }
@@ -190,6 +200,7 @@ pub fn run(brokers: &str, options: &BenchOptions) -> Result<BenchReport, Pipelin
     };
     let pipeline = {
         let (health, shutdown) = (Arc::clone(&health), shutdown.clone());
+        let (topology, endpoints) = (topology.clone(), endpoints.clone());
         std::thread::spawn(move || app::run(&topology, &endpoints, &shutdown, health, None))
     };
     // With the resume table every event is read twice: from the input and, re-keyed by
@@ -224,6 +235,21 @@ pub fn run(brokers: &str, options: &BenchOptions) -> Result<BenchReport, Pipelin
         .unwrap_or_else(|_| Err(PipelineError::Other("pipeline panicked".into())));
     let _ = std::fs::remove_dir_all(&state);
     outcome?;
+    // Every partition rebuilt from the changelogs into an empty directory: a new instance.
+    let (restored, restore_secs) = match app::input_changelog(&topology, &endpoints) {
+        Some(changelog) => {
+            let dir = tempdir_path("marquee-bench-restore");
+            let store = crate::state::Store::open(&dir, 64, 64)?;
+            let started = Instant::now();
+            let all: Vec<i32> = (0..partitions).collect();
+            let restored = changelog.restore(&store, app::INPUT_TASK, &all, |_| {})?;
+            let took = started.elapsed().as_secs_f64();
+            drop(store);
+            let _ = std::fs::remove_dir_all(&dir);
+            (restored, took)
+        }
+        None => (0, 0.0),
+    };
     let page = crate::metrics::install().render();
     let label = format!("topic=\"{topic}\"");
     Ok(BenchReport {
@@ -234,6 +260,8 @@ pub fn run(brokers: &str, options: &BenchOptions) -> Result<BenchReport, Pipelin
         wall_secs,
         cpu_secs,
         peak_rss_mib,
+        restored,
+        restore_secs,
     })
 }
 

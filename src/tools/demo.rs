@@ -52,6 +52,14 @@ pub fn run(
                 "creating the demo topic {topic}"
             )))?;
     }
+    // Changelogs and partials are partitioned like the input.
+    for topic in crate::app::internal_topics(&topology) {
+        kafka
+            .create_topic(&topic, 4, 1)
+            .map_err(PipelineError::kafka(format!(
+                "creating the demo topic {topic}"
+            )))?;
+    }
     let registry = EmbeddedRegistry::start()
         .map_err(|e| PipelineError::Other(format!("starting the embedded registry: {e}")))?;
     let endpoints = Endpoints {
