@@ -37,9 +37,9 @@ pub struct Endpoints {
     pub registry: String,
     /// Address of `/metrics`, `/healthz`, `/readyz` and table queries; `None` serves nothing.
     pub http: Option<SocketAddr>,
-    /// This instance's stable name in its consumer groups (static membership) and in its
-    /// transactional ids; `None` derives one from the host and the state directory, which is
-    /// what a restarted instance keeps.
+    /// This instance's stable name: its static membership in its consumer groups, and its
+    /// transactional ids. `None`: dynamic membership, and transactional ids named after the
+    /// host and the state directory (what a restarted instance keeps).
     pub instance_id: Option<String>,
 }
 
@@ -534,9 +534,16 @@ fn connect(
     let mut consumer = consumer_config(&endpoints.brokers, group, &topology.source.kafka);
     // Idle means caught up: partition EOF says the consumer has read all the broker holds.
     consumer.set("enable.partition.eof", "true");
-    // Static membership: a restarting instance keeps its partitions without a rebalance.
-    if consumer.get("group.instance.id").is_none() {
-        consumer.set("group.instance.id", &instance);
+    // Static membership with a name given (`--instance-id` or `group.instance.id`): a
+    // restarting instance keeps its partitions without a rebalance. One id per consumer, as
+    // the input, the merge and the table are members of different groups. Opt-in, as in Kafka
+    // Streams: Tansu 0.6 rebalances in a loop with it.
+    let member = consumer
+        .get("group.instance.id")
+        .map(str::to_string)
+        .or_else(|| endpoints.instance_id.clone());
+    if let Some(id) = member {
+        consumer.set("group.instance.id", format!("{id}-{name}"));
     }
     if transactional {
         // Upstream transactions that aborted are never read.

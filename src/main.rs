@@ -45,8 +45,10 @@ enum Command {
         /// Override the topology's state directory.
         #[arg(long)]
         state_dir: Option<PathBuf>,
-        /// This instance's stable name in its group (static membership, transactional ids);
-        /// by default the host name and a hash of the state directory.
+        /// This instance's stable name: static membership in its consumer groups (a restart
+        /// within session.timeout.ms moves no partition) and its transactional ids. Without
+        /// it, membership is dynamic and transactional ids use the host name and a hash of
+        /// the state directory.
         #[arg(long, env = "MARQUEE_INSTANCE_ID")]
         instance_id: Option<String>,
     },
