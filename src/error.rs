@@ -145,4 +145,16 @@ impl PipelineError {
         let context = context.into();
         move |cause| PipelineError::Kafka { context, cause }
     }
+
+    /// A transaction failed without fencing the producer (a rebalance changed the group's
+    /// generation, a coordinator moved): after its abort, it may be tried again.
+    pub fn is_retriable_transaction(&self) -> bool {
+        matches!(
+            self,
+            PipelineError::Kafka {
+                cause: rdkafka::error::KafkaError::Transaction(e),
+                ..
+            } if !e.is_fatal()
+        )
+    }
 }

@@ -136,18 +136,12 @@ fn instances_that_crash_join_and_leave_give_the_reference_results_exactly_once()
             instances[n] = Some(spawn(n));
         }
     }
-    let results = common::wait_for("every result", Duration::from_secs(240), || {
-        let records = common::read_committed(
-            &brokers,
-            &topology.sink.topic,
-            expected.results.len(),
-            Duration::from_secs(2),
-            Duration::from_secs(15),
-        );
-        let keys: std::collections::BTreeSet<String> =
-            records.iter().map(|r| r.key_str()).collect();
-        (keys.len() >= expected.results.len()).then_some(records)
-    });
+    let results = common::qos::committed_results(
+        &brokers,
+        &topology.sink.topic,
+        expected.results.len(),
+        Duration::from_secs(240),
+    );
     // Anything still in flight would show up as a duplicate now.
     std::thread::sleep(Duration::from_secs(5));
     let results_again = common::read_committed(

@@ -656,18 +656,12 @@ fn exactly_once_outputs_survive_sigkills_without_a_duplicate() {
     send(&feeder, chunks[2], sent);
     let mut child = spawn();
     // Every key first (duplicates would count towards a number of records), then all of it.
-    let results = common::wait_for("every result", Duration::from_secs(120), || {
-        let records = common::read_committed(
-            &brokers,
-            &topology.sink.topic,
-            expected.results.len(),
-            Duration::from_secs(1),
-            Duration::from_secs(10),
-        );
-        let keys: std::collections::BTreeSet<String> =
-            records.iter().map(|r| r.key_str()).collect();
-        (keys.len() >= expected.results.len()).then_some(records)
-    });
+    let results = common::qos::committed_results(
+        &brokers,
+        &topology.sink.topic,
+        expected.results.len(),
+        Duration::from_secs(120),
+    );
     let late = common::read_committed(
         &brokers,
         &topology.sink.late_topic,

@@ -180,6 +180,15 @@ pub fn producer_config(brokers: &str, overrides: &BTreeMap<String, String>) -> C
     for (k, v) in overrides {
         config.set(k, v);
     }
+    // librdkafka refuses a transactional producer whose deliveries outlive its transactions.
+    if let (Some(tx), None) = (
+        overrides.get("transaction.timeout.ms"),
+        overrides.get("message.timeout.ms"),
+    ) {
+        if tx.parse::<u64>().is_ok_and(|tx| tx < 60_000) {
+            config.set("message.timeout.ms", tx);
+        }
+    }
     config
 }
 

@@ -55,8 +55,12 @@ pub struct QosWindows {
     global: GlobalWatermark,
     /// Open windows per owned input partition.
     parts: BTreeMap<i32, PartitionWindows>,
-    /// Highest watermark at which windows were closed here: anything at or below is final.
-    closed_through: i64,
+    /// Per owned partition, the highest watermark at which its windows were closed: anything
+    /// at or below is final. Per partition, as a partition that moves here may lag behind
+    /// the others, and its records are late against its own progress only.
+    closed: BTreeMap<i32, i64>,
+    /// The frontier of an earlier version, kept for all partitions in one key.
+    legacy_closed: i64,
     /// Emitted windows whose state is deleted at the next checkpoint.
     emitted: Vec<(i32, i64)>,
     /// The progress last written for each owned partition.
@@ -126,7 +130,8 @@ impl QosWindows {
         Ok(Self {
             spec: WindowSpec::new(qos.window, qos.advance.unwrap_or(qos.window), qos.grace),
             dimensions: qos.dimensions.clone(),
-            closed_through: store.closed_through(QOS_FRONTIER)?.unwrap_or(i64::MIN),
+            closed: BTreeMap::new(),
+            legacy_closed: store.closed_through(QOS_FRONTIER)?.unwrap_or(i64::MIN),
             store,
             partials,
             global,
@@ -179,7 +184,10 @@ impl QosWindows {
     /// partials topic, after the partials it covers.
     fn send_progress(&mut self, ctx: &Context<'_>) -> Result<(), PipelineError> {
         for mark in ctx.partitions {
-            let now = (mark.watermark, mark.idle, self.closed_through);
+            let Some(&closed) = self.closed.get(&mark.partition) else {
+                continue;
+            };
+            let now = (mark.watermark, mark.idle, closed);
             if !self.parts.contains_key(&mark.partition)
                 || self.progress.get(&mark.partition) == Some(&now)
             {
@@ -212,12 +220,13 @@ impl QosWindows {
             return;
         }
         qoe.horizon = horizon;
-        let (spec, dims, closed) = (&self.spec, &self.dimensions, self.closed_through);
+        let (spec, dims) = (&self.spec, &self.dimensions);
         let early = self.early_interval.is_some();
         for (&p, sessions) in qoe.parts.iter_mut() {
             let Some(windows) = self.parts.get_mut(&p) else {
                 continue;
             };
+            let closed = self.closed.get(&p).copied().unwrap_or(i64::MIN);
             let changed = &mut self.changed;
             let timeout = qoe.timeout;
             let expired = &mut qoe.expired;
@@ -255,6 +264,11 @@ impl Operator for QosWindows {
         _checkpoint: Option<&PartitionMeta>,
     ) -> Result<(), PipelineError> {
         let windows = self.store.load_windows(partition)?;
+        let closed = self
+            .store
+            .partition_frontier(QOS_FRONTIER, partition)?
+            .unwrap_or(self.legacy_closed);
+        self.closed.insert(partition, closed);
         tracing::debug!(
             partition,
             open_windows = windows.windows.len(),
@@ -264,7 +278,7 @@ impl Operator for QosWindows {
         if let Some(qoe) = &mut self.qoe {
             let sessions = self.store.load_sessions(partition)?;
             // Facts before the emitted frontier were decided before the checkpoint.
-            let restored = Sessions::horizon(&self.spec, self.closed_through);
+            let restored = Sessions::horizon(&self.spec, closed);
             qoe.horizon = qoe.horizon.max(restored);
             let map = sessions
                 .into_iter()
@@ -278,6 +292,7 @@ impl Operator for QosWindows {
     fn revoke(&mut self, partition: i32) {
         self.parts.remove(&partition);
         self.progress.remove(&partition);
+        self.closed.remove(&partition);
         if let Some(qoe) = &mut self.qoe {
             qoe.parts.remove(&partition);
         }
@@ -289,14 +304,15 @@ impl Operator for QosWindows {
         record: &Record<'_>,
     ) -> Result<Handled, PipelineError> {
         let start = self.spec.first_start(record.event.event_time);
-        let watermark = record.watermark.max(self.closed_through);
+        let partition = record.origin.partition;
+        let closed = self.closed.get(&partition).copied().unwrap_or(i64::MIN);
+        let watermark = record.watermark.max(closed);
         if self.spec.is_closed(start, watermark) {
             return Ok(Handled::Late {
                 window_start: start,
                 watermark,
             });
         }
-        let partition = record.origin.partition;
         if let Some(windows) = self.parts.get_mut(&partition) {
             let event = record.event;
             windows.add(&self.spec, &self.dimensions, event);
@@ -304,7 +320,7 @@ impl Operator for QosWindows {
                 self.changed.extend(self.spec.starts(event.event_time));
             }
             if let Some(qoe) = &mut self.qoe {
-                let (spec, dims, closed) = (&self.spec, &self.dimensions, self.closed_through);
+                let (spec, dims) = (&self.spec, &self.dimensions);
                 qoe.observe(partition, event, &mut |t, d, f| {
                     windows.add_fact(spec, dims, closed, (t, d, f))
                 });
@@ -331,8 +347,9 @@ impl Operator for QosWindows {
             for (start, partial) in windows.take_closed(&self.spec, watermark) {
                 closed.push((p, start, partial));
             }
+            let frontier = self.closed.entry(p).or_insert(i64::MIN);
+            *frontier = (*frontier).max(watermark);
         }
-        self.closed_through = self.closed_through.max(watermark);
         let open: usize = self.parts.values().map(|w| w.windows.len()).sum();
         metrics::windows_open(open);
         for (p, start, partial) in &closed {
@@ -383,9 +400,9 @@ impl Operator for QosWindows {
                 }
             }
         }
-        if self.closed_through != i64::MIN {
+        for (&p, &closed) in self.closed.iter().filter(|(_, c)| **c != i64::MIN) {
             self.store
-                .stage_closed_through(batch, QOS_FRONTIER, self.closed_through);
+                .stage_partition_frontier(batch, QOS_FRONTIER, p, closed);
         }
         Ok(())
     }

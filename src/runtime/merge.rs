@@ -455,7 +455,21 @@ impl Core {
         // The offsets fence a zombie owner through the group's generation; the merge always
         // reads its partitions from the start, so they stay at 0.
         let offsets: Vec<(i32, i64)> = self.parts.keys().map(|&p| (p, 0)).collect();
-        self.sink
+        match self
+            .sink
             .publish(&records, None, &source.offset_list(&offsets), &group)
+        {
+            Err(e) if e.is_retriable_transaction() => {
+                // Aborted (a rebalance changed the generation): the state is what the topic
+                // holds, so the partitions are read again and the windows closed again.
+                tracing::warn!(error = %e, "a merge transaction was aborted; reading the partitions again");
+                for (&p, part) in self.parts.iter_mut() {
+                    *part = MergePartition::default();
+                    source.seek(p, 0)?;
+                }
+                Ok(())
+            }
+            other => other,
+        }
     }
 }

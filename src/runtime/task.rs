@@ -40,6 +40,8 @@ use crate::serve::http::Health;
 use crate::state::{Batch, PartitionMeta, Store};
 use crate::watermark::Watermarks;
 
+/// Attempts after a transaction aborted by a rebalance.
+const TRANSACTION_RETRIES: u32 = 5;
 /// Records between watermark ticks while data flows.
 const TICK_RECORDS: u32 = 4096;
 /// Records between two reads of the clock (a divisor of `TICK_RECORDS`).
@@ -654,11 +656,23 @@ impl Core {
             timestamp: None,
             headers: Vec::new(),
         };
-        let group = source.group_metadata().ok_or_else(|| {
-            PipelineError::Other("the consumer has no group metadata for a transaction".into())
-        })?;
-        self.sink
-            .publish(records, Some(&marker), &source.offset_list(offsets), &group)
+        // A rebalance between two transactions changes the group's generation: an attempt
+        // with the old one is aborted, and retried with the new one once the group settles.
+        let mut attempt = 0;
+        loop {
+            let group = source.group_metadata().ok_or_else(|| {
+                PipelineError::Other("the consumer has no group metadata for a transaction".into())
+            })?;
+            let offsets = source.offset_list(offsets);
+            match self.sink.publish(records, Some(&marker), &offsets, &group) {
+                Err(e) if attempt < TRANSACTION_RETRIES && e.is_retriable_transaction() => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, "a transaction was aborted; retrying it");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Once per run, what the last checkpoint before a crash may have left unsent: its
@@ -776,7 +790,10 @@ fn last_marker(tx: &Transactions, task: &str) -> Result<Option<u64>, PipelineErr
                 }
             }
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => break,
-            Some(Err(e)) => return Err(PipelineError::kafka("reading the marker topic")(e)),
+            Some(Err(e)) => {
+                // A broker restart or a leader election: retried until the deadline.
+                tracing::warn!(error = %e, "reading the marker topic; retrying");
+            }
             None => {}
         }
     }

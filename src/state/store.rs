@@ -447,6 +447,34 @@ impl Store {
         Ok((number, records))
     }
 
+    /// The watermark through which an operator (its `frontier` meta key) closed the windows
+    /// of `partition`, if it did.
+    pub fn partition_frontier(
+        &self,
+        frontier: &str,
+        partition: i32,
+    ) -> Result<Option<i64>, StateError> {
+        Ok(self
+            .db
+            .get_cf(self.cf(CF_META), meta_key(frontier, partition))?
+            .and_then(|b| b.try_into().ok())
+            .map(i64::from_le_bytes))
+    }
+
+    /// Stages the watermark through which an operator closed the windows of `partition`; it
+    /// moves with the partition (the positions changelog).
+    pub fn stage_partition_frontier(
+        &self,
+        batch: &mut Batch,
+        frontier: &str,
+        partition: i32,
+        watermark: i64,
+    ) {
+        let key = meta_key(frontier, partition);
+        batch.touch(POSITIONS, partition, &key);
+        batch.put_cf(self.cf(CF_META), key, watermark.to_le_bytes());
+    }
+
     /// Stages an operator's emitted-window frontier.
     pub fn stage_closed_through(&self, batch: &mut Batch, frontier: &str, watermark: i64) {
         batch.put_cf(self.cf(CF_META), frontier, watermark.to_le_bytes());
@@ -531,7 +559,9 @@ impl Store {
         for cf in [CF_WINDOWS, CF_QOE, CF_SESSIONS, CF_DAILY] {
             batch.delete_range_cf(self.cf(cf), from, to);
         }
-        batch.delete_cf(self.cf(CF_META), meta_key(task, partition));
+        for key in [task, QOS_FRONTIER] {
+            batch.delete_cf(self.cf(CF_META), meta_key(key, partition));
+        }
     }
 
     /// Stages one restored changelog record of `store` (`None`: a tombstone).

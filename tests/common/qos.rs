@@ -393,3 +393,25 @@ pub fn newest_daily(
         })
         .collect()
 }
+
+/// Every result key of `topic` as a `read_committed` consumer sees it (waiting up to
+/// `timeout` until there are `keys` distinct keys), with every record, duplicates included.
+pub fn committed_results(
+    brokers: &str,
+    topic: &str,
+    keys: usize,
+    timeout: std::time::Duration,
+) -> Vec<Consumed> {
+    use std::time::Duration;
+    super::wait_for("every result", timeout, || {
+        let records = super::read_committed(
+            brokers,
+            topic,
+            keys,
+            Duration::from_secs(2),
+            Duration::from_secs(15),
+        );
+        let seen: BTreeSet<String> = records.iter().map(|r| r.key_str()).collect();
+        (seen.len() >= keys).then_some(records)
+    })
+}
