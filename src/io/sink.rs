@@ -102,6 +102,15 @@ impl ProducerContext for DeliveryTracker {
         let Err((error, message)) = result else {
             return;
         };
+        // Purged by the abort of a transaction: sent again with the next attempt.
+        if matches!(
+            error,
+            KafkaError::MessageProduction(
+                RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight
+            )
+        ) {
+            return;
+        }
         match refusal(error) {
             Some(error) => self.refuse(Refused {
                 topic: message.topic().to_string(),

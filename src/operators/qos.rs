@@ -75,11 +75,12 @@ pub struct QosWindows {
     qoe: Option<Sessions>,
 }
 
-/// Every owned session, by partition, with the horizon their facts are decided through.
+/// Every owned session, by partition, with the horizon each partition's facts are decided
+/// through (per partition: one that moves here may be behind the others).
 struct Sessions {
     timeout: i64,
     /// Facts before this event time are decided.
-    horizon: i64,
+    horizon: BTreeMap<i32, i64>,
     /// Each session and whether it changed since the last checkpoint.
     parts: BTreeMap<i32, FxHashMap<Box<str>, (Session, bool)>>,
     /// Expired sessions to delete at the next checkpoint.
@@ -143,7 +144,7 @@ impl QosWindows {
             changed: BTreeSet::new(),
             qoe: qos.qoe.then(|| Sessions {
                 timeout: qos.session_timeout.as_millis() as i64,
-                horizon: i64::MIN,
+                horizon: BTreeMap::new(),
                 parts: BTreeMap::new(),
                 expired: Vec::new(),
             }),
@@ -216,16 +217,17 @@ impl QosWindows {
             return;
         };
         let horizon = Sessions::horizon(&self.spec, watermark);
-        if horizon <= qoe.horizon {
-            return;
-        }
-        qoe.horizon = horizon;
         let (spec, dims) = (&self.spec, &self.dimensions);
         let early = self.early_interval.is_some();
         for (&p, sessions) in qoe.parts.iter_mut() {
             let Some(windows) = self.parts.get_mut(&p) else {
                 continue;
             };
+            let decided = qoe.horizon.entry(p).or_insert(i64::MIN);
+            if horizon <= *decided {
+                continue;
+            }
+            *decided = horizon;
             let closed = self.closed.get(&p).copied().unwrap_or(i64::MIN);
             let changed = &mut self.changed;
             let timeout = qoe.timeout;
@@ -279,7 +281,7 @@ impl Operator for QosWindows {
             let sessions = self.store.load_sessions(partition)?;
             // Facts before the emitted frontier were decided before the checkpoint.
             let restored = Sessions::horizon(&self.spec, closed);
-            qoe.horizon = qoe.horizon.max(restored);
+            qoe.horizon.insert(partition, restored);
             let map = sessions
                 .into_iter()
                 .map(|(id, s)| (id.into_boxed_str(), (s, false)))
@@ -295,6 +297,7 @@ impl Operator for QosWindows {
         self.closed.remove(&partition);
         if let Some(qoe) = &mut self.qoe {
             qoe.parts.remove(&partition);
+            qoe.horizon.remove(&partition);
         }
     }
 
