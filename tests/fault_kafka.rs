@@ -125,6 +125,15 @@ fn instances_that_crash_join_and_leave_give_the_reference_results_exactly_once()
             }
             _ => {}
         }
+        // A supervisor's restart policy: an instance that exited on its own comes back.
+        for (n, slot) in instances.iter_mut().enumerate() {
+            if let Some(child) = slot.as_mut() {
+                if let Ok(Some(status)) = child.0.try_wait() {
+                    eprintln!("instance {n} exited ({status}); restarting it");
+                    *slot = Some(spawn(n));
+                }
+            }
+        }
         if round < 10 {
             // SIGKILL a random running instance at a random moment, restart it on its state.
             let alive: Vec<usize> = (0..instances.len())

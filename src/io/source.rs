@@ -223,6 +223,15 @@ impl Source {
             .then_some(high)
     }
 
+    /// The partitions of the input topic assigned to this member now.
+    pub fn assignment(&self) -> Result<Vec<i32>, PipelineError> {
+        let tpl = self
+            .consumer
+            .assignment()
+            .map_err(PipelineError::kafka("reading the assignment"))?;
+        Ok(tpl.elements().iter().map(|e| e.partition()).collect())
+    }
+
     /// The group's committed offsets of `partitions` (those that have one).
     pub fn committed(&self, partitions: &[i32]) -> Result<BTreeMap<i32, i64>, PipelineError> {
         if partitions.is_empty() {

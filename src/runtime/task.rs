@@ -40,8 +40,6 @@ use crate::serve::http::Health;
 use crate::state::{Batch, PartitionMeta, Store};
 use crate::watermark::Watermarks;
 
-/// Attempts after a transaction aborted by a rebalance.
-const TRANSACTION_RETRIES: u32 = 5;
 /// Records between watermark ticks while data flows.
 const TICK_RECORDS: u32 = 4096;
 /// Records between two reads of the clock (a divisor of `TICK_RECORDS`).
@@ -132,6 +130,8 @@ struct Core {
     /// earlier run has been settled.
     checkpoint_number: u64,
     recovered: bool,
+    /// A transaction was aborted: the owned partitions are taken up again after the next poll.
+    start_over: bool,
 }
 
 impl Task {
@@ -162,6 +162,7 @@ impl Task {
             health,
             checkpoint_number: 0,
             recovered: false,
+            start_over: false,
         };
         Self { source, core }
     }
@@ -178,6 +179,9 @@ impl Task {
                 for change in source.take_assignments() {
                     core.reassign(&source, change)?;
                 }
+            }
+            if std::mem::take(&mut core.start_over) {
+                core.reassign(&source, Assignment::Assigned(source.assignment()?))?;
             }
             match polled {
                 Some(Ok(message)) => {
@@ -591,7 +595,14 @@ impl Core {
             self.store.commit(batch)?;
             let mut records = records;
             records.extend(self.changelog_records(&changes)?);
-            self.publish(source, &records, &offsets, self.checkpoint_number)?;
+            match self.publish(source, &records, &offsets, self.checkpoint_number) {
+                Err(e) if e.is_retriable_transaction() => {
+                    tracing::warn!(error = %e, "a transaction was aborted (a rebalance?); taking the partitions up again");
+                    self.start_over();
+                    return Ok(());
+                }
+                other => other?,
+            }
             let mut clear = Batch::default();
             self.store.stage_outbox_clear(&mut clear, name);
             self.store.stage_changelog_pending(&mut clear, name, &[]);
@@ -656,23 +667,26 @@ impl Core {
             timestamp: None,
             headers: Vec::new(),
         };
-        // A rebalance between two transactions changes the group's generation: an attempt
-        // with the old one is aborted, and retried with the new one once the group settles.
-        let mut attempt = 0;
-        loop {
-            let group = source.group_metadata().ok_or_else(|| {
-                PipelineError::Other("the consumer has no group metadata for a transaction".into())
-            })?;
-            let offsets = source.offset_list(offsets);
-            match self.sink.publish(records, Some(&marker), &offsets, &group) {
-                Err(e) if attempt < TRANSACTION_RETRIES && e.is_retriable_transaction() => {
-                    attempt += 1;
-                    tracing::warn!(error = %e, attempt, "a transaction was aborted; retrying it");
-                    std::thread::sleep(Duration::from_secs(1));
-                }
-                other => return other,
+        let group = source.group_metadata().ok_or_else(|| {
+            PipelineError::Other("the consumer has no group metadata for a transaction".into())
+        })?;
+        self.sink
+            .publish(records, Some(&marker), &source.offset_list(offsets), &group)
+    }
+
+    /// After a transaction aborted by a rebalance: the owned partitions are dropped from
+    /// memory and taken up again, as after a restart, once the group has settled (the
+    /// outbox is then sent with the new generation, or dropped and its partitions restored
+    /// if they moved).
+    fn start_over(&mut self) {
+        for p in std::mem::take(&mut self.parts).into_keys() {
+            self.marks.disown(p);
+            for op in &mut self.operators {
+                op.revoke(p);
             }
         }
+        self.recovered = false;
+        self.start_over = true;
     }
 
     /// Once per run, what the last checkpoint before a crash may have left unsent: its
