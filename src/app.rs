@@ -465,6 +465,7 @@ fn input_task(
         TaskOptions {
             transactions: marker_topic(topology).map(|marker_topic| Transactions {
                 marker_topic,
+                marker_key: transactional_id(topology, endpoints, &topology.group_id(), INPUT_TASK),
                 brokers: endpoints.brokers.clone(),
             }),
             changelog: input_changelog(topology, endpoints),
@@ -510,6 +511,11 @@ fn task(
     ))
 }
 
+/// The transactional id of task `name` of consumer group `group` on this instance.
+fn transactional_id(topology: &Topology, endpoints: &Endpoints, group: &str, name: &str) -> String {
+    format!("{group}-{name}-{}", instance_id(topology, endpoints))
+}
+
 /// A member of consumer group `group` reading `topic` (partition ends reported, static
 /// membership, committed data only with exactly-once), and the producer of task `name`:
 /// transactional with one id per task and instance, so a restarted instance fences its
@@ -524,9 +530,8 @@ fn connect(
 ) -> Result<(Source, Sink), PipelineError> {
     let producer = producer_config(&endpoints.brokers, &topology.sink.kafka);
     let dead_letter = &topology.sink.dead_letter_topic;
-    let instance = instance_id(topology, endpoints);
     let sink = if transactional {
-        let id = format!("{group}-{name}-{instance}");
+        let id = transactional_id(topology, endpoints, group, name);
         Sink::transactional(&producer, dead_letter, topic, &id)?
     } else {
         Sink::new(&producer, dead_letter, topic)?

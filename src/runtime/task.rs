@@ -84,6 +84,9 @@ pub struct TaskOptions {
 #[derive(Debug, Clone)]
 pub struct Transactions {
     pub marker_topic: String,
+    /// This task's key in the marker topic: its transactional id, one per task and instance
+    /// (another instance's markers say nothing of this one's checkpoints).
+    pub marker_key: String,
     pub brokers: String,
 }
 
@@ -662,7 +665,7 @@ impl Core {
         let marker = Pending {
             topic: tx.marker_topic.clone(),
             partition: Some(0),
-            key: Some(self.options.name.as_bytes().to_vec()),
+            key: Some(tx.marker_key.as_bytes().to_vec()),
             value: Some(number.to_be_bytes().to_vec()),
             timestamp: None,
             headers: Vec::new(),
@@ -718,7 +721,7 @@ impl Core {
         if stored.is_empty() && changes.is_empty() {
             return Ok(false);
         }
-        let committed = last_marker(&tx, name)?;
+        let committed = last_marker(&tx)?;
         let mut previous = Vec::new();
         for p in 0..source.partition_count()? {
             if let Some(meta) = self.partition_meta(p)? {
@@ -762,8 +765,8 @@ impl Core {
     }
 }
 
-/// The number of `task`'s last committed checkpoint in the marker topic, if any.
-fn last_marker(tx: &Transactions, task: &str) -> Result<Option<u64>, PipelineError> {
+/// The number of the task's last committed checkpoint in the marker topic, if any.
+fn last_marker(tx: &Transactions) -> Result<Option<u64>, PipelineError> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::Message;
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
@@ -793,7 +796,7 @@ fn last_marker(tx: &Transactions, task: &str) -> Result<Option<u64>, PipelineErr
     while high > 0 && Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
-                if m.key() == Some(task.as_bytes()) {
+                if m.key() == Some(tx.marker_key.as_bytes()) {
                     last = m
                         .payload()
                         .and_then(|v| v.try_into().ok())
