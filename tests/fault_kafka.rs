@@ -12,11 +12,16 @@ use common::qos::{
 };
 use common::{unique, wait_for_first_record, Running};
 
+/// One three-node cluster at a time: two of them and their instances on a 2-core machine
+/// slow each other past the tests' deadlines.
+static ONE_CLUSTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The broker leading an input partition is killed (SIGKILL) while Marquee consumes and the
 /// producer writes, and comes back later: leadership moves to a follower, no acknowledged
 /// record is lost, and the results equal the reference.
 #[test]
 fn a_leader_crash_in_the_middle_of_the_stream_changes_no_result() {
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
     let mut cluster = Cluster::start();
     let brokers = cluster.bootstrap.clone();
     let input = unique("failover");
@@ -63,6 +68,7 @@ fn instances_that_crash_join_and_leave_give_the_reference_results_exactly_once()
     use common::{registry, KillOnDrop};
     use std::process::Command;
 
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
     let mut cluster = Cluster::start();
     let brokers = cluster.bootstrap.clone();
     let input = unique("chaos");
