@@ -139,6 +139,9 @@ enum Command {
         /// `at-least-once`, or `exactly-once` (Kafka transactions; not on Tansu).
         #[arg(long, value_enum, default_value = "at-least-once")]
         guarantee: marquee::config::Guarantee,
+        /// Instances in the consumer group, in this process, each with its own state.
+        #[arg(long, default_value_t = 1)]
+        instances: usize,
     },
 }
 
@@ -262,6 +265,7 @@ fn main() -> anyhow::Result<()> {
             max_partition_drift,
             operators,
             guarantee,
+            instances,
         } => {
             let options = marquee::tools::bench::BenchOptions {
                 events,
@@ -270,6 +274,7 @@ fn main() -> anyhow::Result<()> {
                 max_partition_drift,
                 operators,
                 guarantee,
+                instances,
             };
             let report =
                 marquee::tools::bench::run(&brokers, &options).context("benchmark failed")?;

@@ -32,6 +32,8 @@ pub struct BenchOptions {
     pub operators: Operators,
     /// The delivery guarantee.
     pub guarantee: crate::config::Guarantee,
+    /// Instances in the consumer group, each with its own state directory, in this process.
+    pub instances: usize,
 }
 
 /// The operators a benchmark runs.
@@ -190,7 +192,6 @@ pub fn run(brokers: &str, options: &BenchOptions) -> Result<BenchReport, Pipelin
     reset_peak_rss();
     let cpu_before = cpu_seconds();
     let started = Instant::now();
-    let health = Arc::new(Health::default());
     let shutdown = CancellationToken::new();
     let endpoints = Endpoints {
         brokers: brokers.to_string(),
@@ -198,11 +199,19 @@ pub fn run(brokers: &str, options: &BenchOptions) -> Result<BenchReport, Pipelin
         http: None,
         instance_id: None,
     };
-    let pipeline = {
-        let (health, shutdown) = (Arc::clone(&health), shutdown.clone());
-        let (topology, endpoints) = (topology.clone(), endpoints.clone());
-        std::thread::spawn(move || app::run(&topology, &endpoints, &shutdown, health, None))
-    };
+    let mut healths = Vec::new();
+    let mut pipelines = Vec::new();
+    for i in 0..options.instances.max(1) {
+        let health = Arc::new(Health::default());
+        let (shutdown, endpoints) = (shutdown.clone(), endpoints.clone());
+        let mut topology = topology.clone();
+        topology.state.dir = state.join(format!("instance-{i}"));
+        healths.push(Arc::clone(&health));
+        pipelines.push(std::thread::spawn(move || {
+            app::run(&topology, &endpoints, &shutdown, health, None)
+        }));
+    }
+    let processed = || healths.iter().map(|h| h.processed()).sum::<u64>();
     // With the resume table every event is read twice: from the input and, re-keyed by
     // profile, from the repartition topic.
     let reads = if options.operators == Operators::All {
@@ -211,11 +220,11 @@ pub fn run(brokers: &str, options: &BenchOptions) -> Result<BenchReport, Pipelin
         events
     };
     let mut progress = (0, Instant::now());
-    while health.processed() < reads {
-        if pipeline.is_finished() {
+    while processed() < reads {
+        if pipelines.iter().any(|p| p.is_finished()) {
             break;
         }
-        let processed = health.processed();
+        let processed = processed();
         if processed != progress.0 {
             progress = (processed, Instant::now());
         } else if progress.1.elapsed() > STALL {
@@ -230,9 +239,13 @@ pub fn run(brokers: &str, options: &BenchOptions) -> Result<BenchReport, Pipelin
     let cpu_secs = cpu_seconds() - cpu_before;
     let peak_rss_mib = peak_rss_kib() as f64 / 1024.0;
     shutdown.cancel();
-    let outcome = pipeline
-        .join()
-        .unwrap_or_else(|_| Err(PipelineError::Other("pipeline panicked".into())));
+    let outcome = pipelines
+        .into_iter()
+        .map(|p| {
+            p.join()
+                .unwrap_or_else(|_| Err(PipelineError::Other("pipeline panicked".into())))
+        })
+        .fold(Ok(()), Result::and);
     let _ = std::fs::remove_dir_all(&state);
     outcome?;
     // Every partition rebuilt from the changelogs into an empty directory: a new instance.
@@ -253,7 +266,7 @@ pub fn run(brokers: &str, options: &BenchOptions) -> Result<BenchReport, Pipelin
     let page = crate::metrics::install().render();
     let label = format!("topic=\"{topic}\"");
     Ok(BenchReport {
-        events: health.processed() * events / reads,
+        events: processed().min(reads) * events / reads,
         pauses: metric_sum(&page, "marquee_partition_pauses_total", &label),
         seeks: metric_sum(&page, "marquee_partition_seeks_total", &label),
         preload_secs,
