@@ -180,15 +180,5 @@ fn instances_that_crash_join_and_leave_give_the_reference_results_exactly_once()
     );
     drop(instances);
     assert_results_equal(&results_by_key(&results), &expected.results);
-    assert_eq!(
-        results_again.len(),
-        expected.results.len(),
-        "every result exactly once"
-    );
-    assert_eq!(late_event_ids(&late), expected.late);
-    assert_eq!(
-        late.len(),
-        expected.late.len(),
-        "every late record exactly once"
-    );
+    common::qos::assert_exactly_once(&results_again, &late, &expected);
 }

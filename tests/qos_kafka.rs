@@ -670,18 +670,7 @@ fn exactly_once_outputs_survive_sigkills_without_a_duplicate() {
         Duration::from_secs(30),
     );
     child.terminate();
-    assert_results_equal(&results_by_key(&results), &expected.results);
-    assert_eq!(
-        results.len(),
-        expected.results.len(),
-        "every result exactly once"
-    );
-    assert_eq!(late_event_ids(&late), expected.late);
-    assert_eq!(
-        late.len(),
-        expected.late.len(),
-        "every late record exactly once"
-    );
+    common::qos::assert_exactly_once(&results, &late, &expected);
 }
 
 /// A crash between the state commit and its transaction leaves an outbox: the next run sends

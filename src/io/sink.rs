@@ -439,10 +439,16 @@ impl Sink {
                 }
                 Err(e) if refused.is_empty() => {
                     let _ = self.producer.abort_transaction(Duration::from_secs(60));
-                    return Err(PipelineError::kafka(
+                    // The broker's hint only where transactions themselves failed, not where
+                    // a rebalance aborted one.
+                    let aborted = matches!(&e, KafkaError::Transaction(t) if !t.is_fatal());
+                    let context = if aborted {
+                        "committing a transaction (aborted)"
+                    } else {
                         "committing a transaction (brokers without Kafka transactions, such as \
-                         Tansu, need `processing.guarantee = \"at_least_once\"`)",
-                    )(e));
+                         Tansu, need `processing.guarantee = \"at_least_once\"`)"
+                    };
+                    return Err(PipelineError::kafka(context)(e));
                 }
                 Err(_) => {
                     self.producer

@@ -48,6 +48,17 @@ pub fn partition_of(start: i64, slot: u8, group: &str, partitions: i32) -> i32 {
 }
 
 impl PartialRecord {
+    /// The deletion of input partition `source`'s partial of one window and group.
+    pub fn tombstone(start: i64, slot: u8, group: String, source: i32) -> Self {
+        Self::Partial {
+            start,
+            slot,
+            group,
+            source,
+            agg: None,
+        }
+    }
+
     /// The record's key and value (`None`: a tombstone).
     pub fn encode(&self) -> (Vec<u8>, Option<Vec<u8>>) {
         match self {

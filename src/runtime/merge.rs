@@ -89,13 +89,7 @@ impl MergePartition {
                     // A replay of a partial already merged and emitted: delete it again.
                     return agg.map(|_| {
                         metrics::stale_partials(1);
-                        PartialRecord::Partial {
-                            start,
-                            slot,
-                            group,
-                            source,
-                            agg: None,
-                        }
+                        PartialRecord::tombstone(start, slot, group, source)
                     });
                 }
                 let groups = self.windows.entry(start).or_default();
@@ -346,16 +340,8 @@ impl Core {
                 let results = merged(&groups).results(&spec, start, true, self.options.qoe);
                 for ((slot, group), sources) in groups {
                     for source in sources.into_keys() {
-                        owed.push((
-                            p,
-                            PartialRecord::Partial {
-                                start,
-                                slot,
-                                group: group.to_string(),
-                                source,
-                                agg: None,
-                            },
-                        ));
+                        let group = group.to_string();
+                        owed.push((p, PartialRecord::tombstone(start, slot, group, source)));
                     }
                 }
                 emitted.push((start, results));

@@ -417,3 +417,20 @@ pub fn committed_results(
         (seen.len() >= keys).then_some(records)
     })
 }
+
+/// Exactly-once: `results` and `late` (every record a `read_committed` reader sees) equal the
+/// reference, with each result and each late record once.
+pub fn assert_exactly_once(results: &[Consumed], late: &[Consumed], expected: &Expected) {
+    assert_results_equal(&results_by_key(results), &expected.results);
+    assert_eq!(
+        results.len(),
+        expected.results.len(),
+        "every result exactly once"
+    );
+    assert_eq!(late_event_ids(late), expected.late);
+    assert_eq!(
+        late.len(),
+        expected.late.len(),
+        "every late record exactly once"
+    );
+}
