@@ -135,9 +135,6 @@ struct Core {
     recovered: bool,
     /// A transaction was aborted: the owned partitions are taken up again after the next poll.
     start_over: bool,
-    /// Partitions dropped from memory by a start-over, whose fetch position is past what
-    /// their state holds.
-    dropped: Vec<i32>,
 }
 
 impl Task {
@@ -169,7 +166,6 @@ impl Task {
             checkpoint_number: 0,
             recovered: false,
             start_over: false,
-            dropped: Vec::new(),
         };
         Self { source, core }
     }
@@ -249,17 +245,6 @@ impl Core {
                 self.restore(&stale)?;
                 for p in partitions {
                     self.assign(p)?;
-                }
-                // A partition taken up again without any checkpoint was read from its start:
-                // the consumer, already further, goes back there.
-                for p in std::mem::take(&mut self.dropped) {
-                    if self
-                        .parts
-                        .get(&p)
-                        .is_some_and(|part| part.next_offset.is_none())
-                    {
-                        self.seeks.push((p, 0));
-                    }
                 }
                 tracing::info!(task = self.options.name, owned = ?self.parts.keys().collect::<Vec<_>>(), "partitions assigned");
                 // Ready once the assigned partitions' state is restored.
@@ -707,7 +692,6 @@ impl Core {
     /// if they moved).
     fn start_over(&mut self) {
         for p in std::mem::take(&mut self.parts).into_keys() {
-            self.dropped.push(p);
             self.marks.disown(p);
             for op in &mut self.operators {
                 op.revoke(p);
