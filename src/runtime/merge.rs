@@ -271,15 +271,6 @@ impl Core {
                     "merge partitions assigned; reading them from the start"
                 );
             }
-            Assignment::Revoked(partitions) if self.sink.is_transactional() => {
-                // Exactly-once: nothing may commit for partitions already someone else's;
-                // what this checkpoint held is dropped and the others are read again.
-                drop(self.sink.take_outbox());
-                for p in partitions {
-                    self.parts.remove(&p);
-                }
-                self.rewind(source)?;
-            }
             Assignment::Revoked(partitions) => {
                 self.checkpoint(source)?;
                 for p in partitions {
@@ -433,15 +424,6 @@ impl Core {
         Ok(sent)
     }
 
-    /// Forgets the state of every owned partition and reads each again from the start.
-    fn rewind(&mut self, source: &Source) -> Result<(), PipelineError> {
-        for (&p, part) in self.parts.iter_mut() {
-            *part = MergePartition::default();
-            source.seek(p, 0)?;
-        }
-        Ok(())
-    }
-
     /// Delivers what was sent (at least once), or commits it as one transaction.
     fn checkpoint(&mut self, source: &Source) -> Result<(), PipelineError> {
         if !self.sink.is_transactional() {
@@ -467,7 +449,11 @@ impl Core {
                 // Aborted (a rebalance changed the generation): the state is what the topic
                 // holds, so the partitions are read again and the windows closed again.
                 tracing::warn!(error = %e, "a merge transaction was aborted; reading the partitions again");
-                self.rewind(source)
+                for (&p, part) in self.parts.iter_mut() {
+                    *part = MergePartition::default();
+                    source.seek(p, 0)?;
+                }
+                Ok(())
             }
             other => other,
         }

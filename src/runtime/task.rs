@@ -250,15 +250,6 @@ impl Core {
                 // Ready once the assigned partitions' state is restored.
                 self.health.set_ready(self.options.name, true);
             }
-            Assignment::Revoked(partitions) if self.options.transactions.is_some() => {
-                // Exactly-once: the partitions are already someone else's, so nothing about
-                // them may commit now (their new owner starts from the last committed
-                // checkpoint). The work since that checkpoint is dropped, and the partitions
-                // kept are taken up again from it.
-                drop(self.sink.take_outbox());
-                self.start_over();
-                tracing::info!(task = self.options.name, revoked = ?partitions, "partitions revoked; the others continue from the last committed checkpoint");
-            }
             Assignment::Revoked(partitions) => {
                 self.checkpoint(source, true)?;
                 for p in partitions {
