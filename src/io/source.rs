@@ -12,9 +12,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::BorrowedMessage;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::error::PipelineError;
@@ -32,6 +33,9 @@ pub struct SourceContext {
     events: Mutex<Vec<Assignment>>,
     /// Events are waiting: checked on every poll without taking the lock.
     pending: AtomicBool,
+    /// The consumer is closing: revoked partitions are released at once (nothing is left to
+    /// checkpoint, and the close waits for them).
+    closing: AtomicBool,
 }
 
 impl ClientContext for SourceContext {
@@ -53,16 +57,62 @@ pub fn log_consumer_error(error: KafkaError, reason: &str) {
 }
 
 impl ConsumerContext for SourceContext {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            self.push(Assignment::Revoked(partitions(tpl)));
+    /// Assigned partitions are taken at once; revoked ones are kept until the pipeline has
+    /// checkpointed them and calls [`Source::release`]. The group waits for that release
+    /// before it gives them to another member, so the new owner always starts from this
+    /// member's last checkpoint: its offsets, outputs and changelog values are committed
+    /// (exactly-once) before anyone else reads them.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let result = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                self.push(Assignment::Assigned(partitions(tpl)));
+                result
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS
+                if !self.closing.load(Ordering::Acquire) =>
+            {
+                self.push(Assignment::Revoked(partitions(tpl)));
+                Ok(())
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => release(consumer, tpl),
+            other => {
+                tracing::error!(error = %RDKafkaErrorCode::from(other), "consumer group rebalance failed");
+                // librdkafka expects the assignment dropped on a rebalance error.
+                release(consumer, tpl)
+            }
+        };
+        if let Err(error) = result {
+            tracing::error!(%error, "applying a consumer group rebalance failed");
         }
     }
+}
 
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            self.push(Assignment::Assigned(partitions(tpl)));
-        }
+/// Gives up `tpl` (the whole assignment with the eager protocol).
+fn release<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    tpl: &TopicPartitionList,
+) -> KafkaResult<()> {
+    if matches!(
+        consumer.rebalance_protocol(),
+        RebalanceProtocol::Cooperative
+    ) {
+        consumer.incremental_unassign(tpl)
+    } else {
+        consumer.unassign()
     }
 }
 
@@ -176,6 +226,18 @@ impl Source {
         )
     }
 
+    /// Gives up revoked `partitions` once they are checkpointed; the group's rebalance
+    /// continues only then.
+    pub fn release(&self, partitions: &[i32]) -> Result<(), PipelineError> {
+        let mut tpl = TopicPartitionList::new();
+        for &p in partitions {
+            tpl.add_partition(&self.topic, p);
+        }
+        release(&self.consumer, &tpl).map_err(PipelineError::kafka(format!(
+            "releasing revoked partitions {partitions:?}"
+        )))
+    }
+
     /// Stops (`true`) or restarts fetching `partition`.
     pub fn set_paused(&self, partition: i32, paused: bool) -> Result<(), PipelineError> {
         let mut tpl = TopicPartitionList::new();
@@ -281,6 +343,16 @@ impl Source {
                 tracing::debug!(error = %e, "offset commit failed; it is retried at the next checkpoint");
             }
         }
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        // The consumer's close revokes what is still assigned and waits for the release.
+        self.consumer
+            .context()
+            .closing
+            .store(true, Ordering::Release);
     }
 }
 

@@ -273,9 +273,10 @@ impl Core {
             }
             Assignment::Revoked(partitions) => {
                 self.checkpoint(source)?;
-                for p in partitions {
-                    self.parts.remove(&p);
+                for p in &partitions {
+                    self.parts.remove(p);
                 }
+                source.release(&partitions)?;
             }
         }
         Ok(())

@@ -252,13 +252,14 @@ impl Core {
             }
             Assignment::Revoked(partitions) => {
                 self.checkpoint(source, true)?;
-                for p in partitions {
+                for &p in &partitions {
                     self.parts.remove(&p);
                     self.marks.disown(p);
                     for op in &mut self.operators {
                         op.revoke(p);
                     }
                 }
+                source.release(&partitions)?;
                 tracing::info!(task = self.options.name, owned = ?self.parts.keys().collect::<Vec<_>>(), "partitions revoked");
             }
         }
