@@ -20,11 +20,11 @@ use crate::operators::dau::DailyActiveUsers;
 use crate::operators::qos::{GlobalWatermark, PartialsTopic, QosWindows, ResultHook};
 use crate::operators::repartition::Repartition;
 use crate::operators::table::ResumeTable;
-use crate::resume::{self, TableView, RESUME_POSITION_SCHEMA};
+use crate::resume::{TableView, RESUME_POSITION_SCHEMA};
 use crate::runtime::merge::{Merge, MergeOptions, MERGE_TASK};
 use crate::runtime::{Operator, Task, TaskOptions, Transactions};
 use crate::serve::http::{self, Health};
-use crate::state::{Store, CF_DAILY, CF_QOE, CF_SESSIONS, CF_WINDOWS, POSITIONS};
+use crate::state::{Store, CF_DAILY, CF_QOE, CF_RESUME, CF_SESSIONS, CF_WINDOWS, POSITIONS};
 use crate::window::{slot, WindowSpec};
 use std::sync::atomic::AtomicI64;
 
@@ -140,6 +140,13 @@ fn run_operators(
     if let Some(changelog) = input_changelog(topology, endpoints) {
         changelog.ensure_topics(input_partitions)?;
     }
+    if let Some((resume, changelog)) = topology
+        .resume
+        .as_ref()
+        .zip(table_changelog(topology, endpoints))
+    {
+        changelog.ensure_topics(resume.partitions)?;
+    }
     let partials = topology.qos.as_ref().map(|_| PartialsTopic {
         topic: partials_topic(topology),
         partitions: input_partitions,
@@ -192,13 +199,7 @@ fn run_operators(
                     operators.push(Box::new(Repartition::new(topic, partitions)));
                 }
                 if let Some((resume, view)) = table {
-                    operators.push(table_operator(
-                        topology,
-                        &resume,
-                        view,
-                        endpoints,
-                        registry.as_ref(),
-                    )?);
+                    operators.push(table_operator(topology, &resume, view, registry.as_ref())?);
                 }
                 let task = input_task(topology, endpoints, registry, store, operators, health)?;
                 task.run(&stop)
@@ -235,17 +236,18 @@ fn run_operators(
         if let Some((resume, view)) = table_task {
             let (registry, store, stop) = (Arc::clone(&registry), Arc::clone(&store), stop.clone());
             tasks.push(spawn_task(scope, &stop.clone(), move || {
-                let table = table_operator(topology, resume, view, endpoints, registry.as_ref())?;
+                let table = table_operator(topology, resume, view, registry.as_ref())?;
                 let source_topic = resume.repartition_topic(&topology.name);
+                let group = table_group(topology);
                 let options = TaskOptions {
                     name: TABLE_TASK,
                     legacy_name: None,
                     max_drift_ms: None,
                     late_topic: None,
-                    transactions: None,
+                    transactions: transactions(topology, endpoints, &group, TABLE_TASK),
+                    changelog: table_changelog(topology, endpoints),
                     ..task_options(topology)
                 };
-                let group = format!("{}-resume", topology.group_id());
                 let task = task(
                     topology,
                     endpoints,
@@ -385,21 +387,48 @@ fn input_partitions(config: &rdkafka::ClientConfig, topic: &str) -> Result<i32, 
 /// with `qos.qoe`), the DAU days, and the input positions they stand for.
 pub fn input_changelog(topology: &Topology, endpoints: &Endpoints) -> Option<Changelog> {
     let stores = changelogged_stores(topology);
-    if stores.is_empty() {
-        return None;
-    }
-    Some(Changelog::new(
-        &topology.group_id(),
-        &stores,
-        consumer_config(
-            &endpoints.brokers,
-            &topology.group_id(),
-            &topology.source.kafka,
-        ),
+    (!stores.is_empty())
+        .then(|| changelog(topology, endpoints, &topology.group_id(), &stores, None))
+}
+
+/// The changelogs of the table task (the table and its positions), when it has one.
+fn table_changelog(topology: &Topology, endpoints: &Endpoints) -> Option<Changelog> {
+    let resume = topology
+        .resume
+        .as_ref()
+        .filter(|r| !r.input_keyed_by_profile)?;
+    let deadline = Some((resume.restore_timeout, "resume.restore_timeout"));
+    Some(changelog(
+        topology,
+        endpoints,
+        &table_group(topology),
+        &[CF_RESUME, POSITIONS],
+        deadline,
+    ))
+}
+
+/// The changelogs of `stores` of consumer group `group`.
+fn changelog(
+    topology: &Topology,
+    endpoints: &Endpoints,
+    group: &str,
+    stores: &[&'static str],
+    deadline: Option<(std::time::Duration, &'static str)>,
+) -> Changelog {
+    Changelog::new(
+        group,
+        stores,
+        consumer_config(&endpoints.brokers, group, &topology.source.kafka),
         topology.sink.replication_factor,
         topology.processing.guarantee == Guarantee::ExactlyOnce,
         RESTORE_STALL,
-    ))
+        deadline,
+    )
+}
+
+/// The consumer group of the table task (it reads the repartition topic).
+fn table_group(topology: &Topology) -> String {
+    format!("{}-resume", topology.group_id())
 }
 
 /// The stores of the input task that have changelogs (none when it has no moving state).
@@ -414,6 +443,13 @@ fn changelogged_stores(topology: &Topology) -> Vec<&'static str> {
     if topology.dau.is_some() {
         stores.push(CF_DAILY);
     }
+    if topology
+        .resume
+        .as_ref()
+        .is_some_and(|r| r.input_keyed_by_profile)
+    {
+        stores.push(CF_RESUME);
+    }
     if !stores.is_empty() {
         stores.push(POSITIONS);
     }
@@ -425,16 +461,31 @@ fn partials_topic(topology: &Topology) -> String {
     format!("{}-qos-partials", topology.group_id())
 }
 
-/// The internal topics partitioned like the input (changelogs, QoS partials), for brokers
-/// that cannot create topics on request (the demo's mock cluster).
-pub fn internal_topics(topology: &Topology) -> Vec<String> {
+/// The internal topics (changelogs, QoS partials) with their partitions, for brokers that
+/// cannot create topics on request (the demo's mock cluster).
+pub fn internal_topics(topology: &Topology, input_partitions: i32) -> Vec<(String, i32)> {
     let group = topology.group_id();
-    let mut topics: Vec<String> = changelogged_stores(topology)
+    let mut topics: Vec<(String, i32)> = changelogged_stores(topology)
         .into_iter()
-        .map(|s| crate::io::changelog::topic_name(&group, s))
+        .map(|s| {
+            (
+                crate::io::changelog::topic_name(&group, s),
+                input_partitions,
+            )
+        })
         .collect();
     if topology.qos.is_some() {
-        topics.push(partials_topic(topology));
+        topics.push((partials_topic(topology), input_partitions));
+    }
+    if let Some(resume) = topology
+        .resume
+        .as_ref()
+        .filter(|r| !r.input_keyed_by_profile)
+    {
+        for store in [CF_RESUME, POSITIONS] {
+            let topic = crate::io::changelog::topic_name(&table_group(topology), store);
+            topics.push((topic, resume.partitions));
+        }
     }
     topics
 }
@@ -463,11 +514,7 @@ fn input_task(
         &topology.source.topic,
         &topology.group_id(),
         TaskOptions {
-            transactions: marker_topic(topology).map(|marker_topic| Transactions {
-                marker_topic,
-                marker_key: transactional_id(topology, endpoints, &topology.group_id(), INPUT_TASK),
-                brokers: endpoints.brokers.clone(),
-            }),
+            transactions: transactions(topology, endpoints, &topology.group_id(), INPUT_TASK),
             changelog: input_changelog(topology, endpoints),
             ..task_options(topology)
         },
@@ -509,6 +556,20 @@ fn task(
         operators,
         Arc::clone(health),
     ))
+}
+
+/// Exactly-once: where task `name` of consumer group `group` records its checkpoints.
+fn transactions(
+    topology: &Topology,
+    endpoints: &Endpoints,
+    group: &str,
+    name: &str,
+) -> Option<Transactions> {
+    marker_topic(topology).map(|marker_topic| Transactions {
+        marker_topic,
+        marker_key: transactional_id(topology, endpoints, group, name),
+        brokers: endpoints.brokers.clone(),
+    })
 }
 
 /// The transactional id of task `name` of consumer group `group` on this instance.
@@ -557,15 +618,13 @@ fn connect(
     Ok((Source::subscribe(&consumer, topic)?, sink))
 }
 
-/// The resume-table operator, after its table is restored from its topic on a new machine.
+/// The resume-table operator.
 fn table_operator(
     topology: &Topology,
     resume: &ResumeConfig,
     view: Arc<TableView>,
-    endpoints: &Endpoints,
     registry: &dyn SchemaRegistry,
 ) -> Result<Box<dyn Operator>, PipelineError> {
-    resume::restore(&view.store, &endpoints.brokers, resume, registry)?;
     tracing::info!(topology = %topology.name, output = %resume.topic, "resume table starting");
     let output = Output::register(registry, &resume.topic, RESUME_POSITION_SCHEMA)?;
     Ok(Box::new(ResumeTable::new(

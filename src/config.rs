@@ -235,9 +235,9 @@ pub struct ResumeConfig {
     /// Entries without an update for this long (in event time) are deleted with a tombstone.
     #[serde(default = "d90d", deserialize_with = "duration")]
     pub retention: Duration,
-    /// Longest a new machine may take to rebuild the table from the output topic; a restore
-    /// that cannot read to the end offsets taken when it began fails the instance instead of
-    /// serving a table with entries missing.
+    /// Longest a restore of table partitions from their changelog may take; a restore that
+    /// cannot reach the changelog's end in time fails the instance instead of serving a table
+    /// with entries missing.
     #[serde(default = "d10m", deserialize_with = "duration")]
     pub restore_timeout: Duration,
 }

@@ -348,31 +348,20 @@ pub fn table_size(entries: u64) {
     gauge!("marquee_table_entries").set(entries as f64);
 }
 
-/// A table rebuilt from its compacted topic.
-pub fn table_restored(records: u64, took: Duration) {
-    counter!("marquee_table_restored_records_total").increment(records);
-    gauge!("marquee_table_restore_duration_seconds").set(took.as_secs_f64());
-}
-
-/// Records a running restore still has to read before the table is complete.
-pub fn table_restore_remaining(records: i64) {
-    gauge!("marquee_table_restore_remaining_records").set(records as f64);
-}
-
 /// Partials of windows the merge had already emitted (a replay of phase one), deleted again.
 pub fn stale_partials(n: u64) {
     counter!("marquee_merge_stale_partials_total").increment(n);
 }
 
 /// Changelog records a running restore still has to read.
-pub fn restore_remaining(records: i64) {
-    gauge!("marquee_restore_remaining_records").set(records as f64);
+pub fn restore_remaining(task: &'static str, records: i64) {
+    gauge!("marquee_restore_remaining_records", "task" => task).set(records as f64);
 }
 
 /// Partitions rebuilt from the changelog topics.
-pub fn restored(records: u64, took: Duration) {
-    counter!("marquee_restored_records_total").increment(records);
-    gauge!("marquee_restore_duration_seconds").set(took.as_secs_f64());
+pub fn restored(task: &'static str, records: u64, took: Duration) {
+    counter!("marquee_restored_records_total", "task" => task).increment(records);
+    gauge!("marquee_restore_duration_seconds", "task" => task).set(took.as_secs_f64());
 }
 
 /// One table query answered.

@@ -40,3 +40,56 @@ fn pipeline_on_the_mock_cluster_matches_the_reference() {
     running.stop();
     assert_results_equal(&results_by_key(&results), &expected.results);
 }
+
+/// A transaction aborted because its records timed out (a slow broker) fails only itself: the
+/// next checkpoint's flush and transaction succeed (the aborted records are sent again then).
+#[test]
+fn a_transaction_whose_records_timed_out_does_not_fail_the_next_checkpoint() {
+    use marquee::io::sink::{producer_config, Pending, Sink};
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+
+    let kafka = MockCluster::new(1).unwrap();
+    let brokers = kafka.bootstrap_servers();
+    kafka.create_topic("slow-out", 1, 1).unwrap();
+    let overrides = [
+        ("message.timeout.ms", "300"),
+        ("transaction.timeout.ms", "10000"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let sink = Sink::transactional(
+        &producer_config(&brokers, &overrides),
+        "slow-dead-letters",
+        "slow-in",
+        "slow-tx",
+    )
+    .unwrap();
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "slow-group")
+        .create()
+        .unwrap();
+    let group = consumer.group_metadata().unwrap();
+    let record = Pending {
+        topic: "slow-out".into(),
+        partition: Some(0),
+        key: Some(b"k".to_vec()),
+        value: Some(b"v".to_vec()),
+        timestamp: None,
+        headers: Vec::new(),
+    };
+    let none = rdkafka::TopicPartitionList::new();
+    kafka
+        .broker_round_trip_time(1, Duration::from_secs(2))
+        .unwrap();
+    let aborted = sink
+        .publish(std::slice::from_ref(&record), None, &none, &group)
+        .unwrap_err();
+    assert!(aborted.is_retriable_transaction(), "{aborted}");
+    kafka.broker_round_trip_time(1, Duration::ZERO).unwrap();
+    sink.flush()
+        .expect("nothing of the aborted transaction is owed by the next flush");
+    sink.publish(&[record], None, &none, &group)
+        .expect("the next transaction commits");
+}

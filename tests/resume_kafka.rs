@@ -248,7 +248,7 @@ fn resume_table_survives_disorder_sigkill_and_a_wiped_state_directory() {
         "{published} records for {applied} updates"
     );
 
-    // A new machine: SIGKILL, wipe the state, restart: the table comes back from the topic.
+    // A new machine: SIGKILL, wipe the state, restart: the table comes back from its changelog.
     child.kill();
     std::fs::remove_dir_all(&state).unwrap();
     let http = format!("127.0.0.1:{}", free_port());
@@ -260,10 +260,10 @@ fn resume_table_survives_disorder_sigkill_and_a_wiped_state_directory() {
         || http_matches(&http, &expected).ok(),
     );
     let (_, metrics) = http_get(&http, "/metrics");
-    let restored = metric(&metrics, "marquee_table_restored_records_total");
+    let restored = metric(&metrics, "marquee_restored_records_total{task=\"resume\"}");
     assert!(
         restored >= expected.len() as f64,
-        "the table came back from the topic ({restored} records for {} keys)",
+        "the table came back from its changelog ({restored} records for {} keys)",
         expected.len()
     );
 
@@ -342,8 +342,8 @@ fn topic_len(topic: &str, at_least: usize) -> usize {
     .len()
 }
 
-/// A restore that cannot read the table's topic to its end within `restore_timeout` fails the
-/// instance (non-zero exit, the reason on stderr) instead of serving a table with entries
+/// A restore that cannot read the table's changelog to its end within `restore_timeout` fails
+/// the instance (non-zero exit, the reason on stderr) instead of serving a table with entries
 /// missing.
 #[test]
 fn a_restore_that_cannot_finish_fails_the_instance() {
@@ -385,7 +385,8 @@ fn a_restore_that_cannot_finish_fails_the_instance() {
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(
-        stderr.contains("did not finish within 1ms") && stderr.contains("restore_timeout"),
+        stderr.contains("did not finish within 1ms")
+            && stderr.contains("raise resume.restore_timeout"),
         "says why and what to change:\n{stderr}"
     );
 }

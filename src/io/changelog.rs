@@ -19,7 +19,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::error::PipelineError;
 use crate::io::sink::{ensure_topics, Pending, TopicSpec, COMPACTED};
 use crate::metrics;
-use crate::state::{Batch, Change, Store};
+use crate::state::{Batch, Change, Store, CF_RESUME};
 
 /// How often a running restore reports its progress.
 const REPORT_EVERY: Duration = Duration::from_secs(2);
@@ -38,6 +38,8 @@ pub struct Changelog {
     read_committed: bool,
     /// Longest a restore may go without reading a record before it fails.
     stall_timeout: Duration,
+    /// Longest a whole restore may take, and the setting that raises it (named in the error).
+    deadline: Option<(Duration, &'static str)>,
 }
 
 /// The changelog topic of `store` for consumer group `group`.
@@ -54,6 +56,7 @@ impl Changelog {
         replication_factor: Option<i32>,
         read_committed: bool,
         stall_timeout: Duration,
+        deadline: Option<(Duration, &'static str)>,
     ) -> Self {
         Self {
             topics: stores.iter().map(|s| (*s, topic_name(group, s))).collect(),
@@ -61,6 +64,7 @@ impl Changelog {
             replication_factor,
             read_committed,
             stall_timeout,
+            deadline,
         }
     }
 
@@ -117,7 +121,7 @@ impl Changelog {
     pub fn restore(
         &self,
         store: &Store,
-        task: &str,
+        task: &'static str,
         partitions: &[i32],
         mut progress: impl FnMut(&str),
     ) -> Result<u64, PipelineError> {
@@ -125,9 +129,10 @@ impl Changelog {
             return Ok(0);
         }
         let started = Instant::now();
+        let stores: Vec<&str> = self.topics.iter().map(|(s, _)| *s).collect();
         let mut clear = Batch::default();
         for &p in partitions {
-            store.stage_partition_clear(&mut clear, task, p);
+            store.stage_partition_clear(&mut clear, task, p, &stores);
         }
         store.commit(clear)?;
         let consumer: BaseConsumer = self
@@ -189,7 +194,7 @@ impl Changelog {
                 if last_report.elapsed() >= REPORT_EVERY {
                     last_report = Instant::now();
                     let line = progress_line(partitions, read, total, started.elapsed());
-                    metrics::restore_remaining((total - read as i64).max(0));
+                    metrics::restore_remaining(task, (total - read as i64).max(0));
                     tracing::info!(task, "{line}");
                     progress(&line);
                 }
@@ -203,6 +208,17 @@ impl Changelog {
                         humantime::format_duration(self.stall_timeout),
                         waiting.join(", ")
                     )));
+                }
+                if let Some((limit, setting)) = self.deadline {
+                    if started.elapsed() > limit {
+                        let waiting: Vec<String> = left.keys().map(|p| p.to_string()).collect();
+                        return Err(PipelineError::Other(format!(
+                            "restoring state from {topic} did not finish within {} (partitions \
+                             {} not at their end); check the brokers or raise {setting}",
+                            humantime::format_duration(limit),
+                            waiting.join(", ")
+                        )));
+                    }
                 }
                 let message = match consumer.poll(Duration::from_millis(100)) {
                     None => continue,
@@ -236,8 +252,13 @@ impl Changelog {
             }
         }
         store.commit(batch)?;
-        metrics::restore_remaining(0);
-        metrics::restored(read, started.elapsed());
+        if stores.contains(&CF_RESUME) {
+            for &p in partitions {
+                store.rebuild_recent_index(p)?;
+            }
+        }
+        metrics::restore_remaining(task, 0);
+        metrics::restored(task, read, started.elapsed());
         tracing::info!(
             task,
             ?partitions,

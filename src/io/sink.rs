@@ -85,6 +85,15 @@ pub struct DeliveryTracker {
 }
 
 impl DeliveryTracker {
+    /// Forgets failed deliveries: those of a finished transaction are reported by its commit.
+    fn forget_failures(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+        self.first_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+
     fn refuse(&self, refused: Refused) {
         self.refused
             .lock()
@@ -421,6 +430,8 @@ impl Sink {
                 Ok(())
             }
             .and_then(|()| self.producer.commit_transaction(Duration::from_secs(60)));
+            // A record that timed out fails the commit; it must not fail a later flush too.
+            self.producer.context().forget_failures();
             let refused = std::mem::take(
                 &mut *self
                     .producer

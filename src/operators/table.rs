@@ -165,6 +165,11 @@ impl Operator for ResumeTable {
 
     fn revoke(&mut self, partition: i32) {
         self.parts.remove(&partition);
+        // Normally all sent and staged by the checkpoint before; after an aborted
+        // transaction, the partition's owner (maybe this instance again) takes them up.
+        self.pending.retain(|_, p| *p != partition);
+        self.dirty.retain(|_, (p, _)| *p != partition);
+        self.expired.retain(|(p, _, _)| *p != partition);
         self.cache.forget_partition(partition);
         self.view.set_owned(partition, false);
     }

@@ -51,12 +51,6 @@ const COLUMN_FAMILIES: [&str; 8] = [
 pub const QOS_FRONTIER: &str = "closed_through";
 /// Meta key of the DAU days' emitted frontier.
 pub const DAU_FRONTIER: &str = "dau/closed_through";
-/// The table is complete here, with profile-length-prefixed keys and the recency index.
-const META_TABLE_RESTORED: &[u8] = b"resume/restored/v3";
-/// The marker of a table with today's keys but no recency index yet.
-const META_TABLE_RESTORED_V2: &[u8] = b"resume/restored/v2";
-/// The marker of a table written with the earlier, NUL-separated keys.
-const META_TABLE_RESTORED_V1: &[u8] = b"resume/restored";
 
 /// A resume-table entry as stored: the entry and whether its output record is still owed.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -80,7 +74,14 @@ pub struct PartitionMeta {
 pub const POSITIONS: &str = "positions";
 
 /// The stores whose changes go to changelog topics, in the order their records are written.
-pub const CHANGELOGGED: [&str; 5] = [CF_WINDOWS, CF_QOE, CF_SESSIONS, CF_DAILY, POSITIONS];
+pub const CHANGELOGGED: [&str; 6] = [
+    CF_WINDOWS,
+    CF_QOE,
+    CF_SESSIONS,
+    CF_DAILY,
+    POSITIONS,
+    CF_RESUME,
+];
 
 /// A key of a changelogged store touched by a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -551,17 +552,52 @@ impl Store {
             .collect()
     }
 
-    /// Stages the removal of everything `task` holds of `partition` in the changelogged
-    /// stores (before a restore replaces it).
-    pub fn stage_partition_clear(&self, batch: &mut Batch, task: &str, partition: i32) {
+    /// Stages the removal of everything `task` holds of `partition` in its changelogged
+    /// `stores` (before a restore replaces it).
+    pub fn stage_partition_clear(
+        &self,
+        batch: &mut Batch,
+        task: &str,
+        partition: i32,
+        stores: &[&str],
+    ) {
         let from = keys::partition_prefix(partition);
         let to = keys::partition_prefix(partition.saturating_add(1));
-        for cf in [CF_WINDOWS, CF_QOE, CF_SESSIONS, CF_DAILY] {
-            batch.delete_range_cf(self.cf(cf), from, to);
+        for &store in stores {
+            match store {
+                POSITIONS => {
+                    batch.delete_cf(self.cf(CF_META), meta_key(task, partition));
+                    if stores.contains(&CF_WINDOWS) {
+                        batch.delete_cf(self.cf(CF_META), meta_key(QOS_FRONTIER, partition));
+                    }
+                }
+                CF_RESUME => {
+                    for cf in [CF_RESUME, CF_RESUME_RECENT] {
+                        batch.delete_range_cf(self.cf(cf), from, to);
+                    }
+                }
+                cf => batch.delete_range_cf(self.cf(cf), from, to),
+            }
         }
-        for key in [task, QOS_FRONTIER] {
-            batch.delete_cf(self.cf(CF_META), meta_key(key, partition));
+    }
+
+    /// Rebuilds the recency index of table `partition` from its entries (after a restore,
+    /// which writes entries only).
+    pub fn rebuild_recent_index(&self, partition: i32) -> Result<(), StateError> {
+        let recent = self.cf(CF_RESUME_RECENT);
+        let mut batch = Batch::default();
+        batch.delete_range_cf(
+            recent,
+            keys::partition_prefix(partition),
+            keys::partition_prefix(partition.saturating_add(1)),
+        );
+        for stored in self.table_partition(partition)? {
+            stage_index(&mut batch, recent, partition, &stored.entry.position);
+            if batch.len() >= 10_000 {
+                self.commit(std::mem::take(&mut batch))?;
+            }
         }
+        self.commit(batch)
     }
 
     /// Stages one restored changelog record of `store` (`None`: a tombstone).
@@ -713,6 +749,7 @@ impl Store {
         self.stage_unindex(batch, partition, &key)?;
         stage_index(batch, self.cf(CF_RESUME_RECENT), partition, p);
         let value = serde_json::to_vec(stored).expect("entries serialize");
+        batch.touch(CF_RESUME, partition, &key);
         batch.put_cf(self.cf(CF_RESUME), key, value);
         Ok(())
     }
@@ -727,6 +764,7 @@ impl Store {
     ) -> Result<(), StateError> {
         let key = keys::table_key(partition, profile, title);
         self.stage_unindex(batch, partition, &key)?;
+        batch.touch(CF_RESUME, partition, &key);
         batch.delete_cf(self.cf(CF_RESUME), key);
         Ok(())
     }
@@ -748,62 +786,6 @@ impl Store {
             }
         }
         Ok(())
-    }
-
-    /// Builds the recency index of a table stored before it existed.
-    fn build_recent_index(&self) -> Result<(), StateError> {
-        let recent = self.cf(CF_RESUME_RECENT);
-        let mut batch = Batch::default();
-        for item in self.db.iterator_cf(self.cf(CF_RESUME), IteratorMode::Start) {
-            let (key, value) = item?;
-            let partition = keys::decode_partition(&key).ok_or_else(|| StateError::Corrupt {
-                key: format!("{CF_RESUME}/{}", String::from_utf8_lossy(&key)),
-                message: "shorter than a partition prefix".into(),
-            })?;
-            stage_index(
-                &mut batch,
-                recent,
-                partition,
-                &decode_entry(&key, &value)?.entry.position,
-            );
-            if batch.len() >= 10_000 {
-                self.commit(std::mem::take(&mut batch))?;
-            }
-        }
-        self.commit(batch)
-    }
-
-    /// Whether the table was rebuilt from its topic (or started fresh) in this directory.
-    pub fn table_restored(&self) -> Result<bool, StateError> {
-        let meta = self.cf(CF_META);
-        if self.db.get_cf(meta, META_TABLE_RESTORED)?.is_some() {
-            return Ok(true);
-        }
-        if self.db.get_cf(meta, META_TABLE_RESTORED_V2)?.is_some() {
-            self.build_recent_index()?;
-            let mut batch = Batch::default();
-            batch.put_cf(meta, META_TABLE_RESTORED, [1]);
-            batch.delete_cf(meta, META_TABLE_RESTORED_V2);
-            self.commit(batch)?;
-            tracing::info!("built the continue-watching index of a table stored without one");
-            return Ok(true);
-        }
-        // A table written with the earlier key format is dropped; the restore rebuilds it.
-        if self.db.get_cf(meta, META_TABLE_RESTORED_V1)?.is_some() {
-            let mut batch = Batch::default();
-            for cf in [CF_RESUME, CF_RESUME_RECENT] {
-                batch.delete_range_cf(self.cf(cf), &[][..], &[0xff][..]);
-            }
-            batch.delete_cf(meta, META_TABLE_RESTORED_V1);
-            self.commit(batch)?;
-            tracing::info!("the resume table was stored with an earlier key format; rebuilding it from its topic");
-        }
-        Ok(false)
-    }
-
-    /// Records that the table is complete in this directory.
-    pub fn stage_table_restored(&self, batch: &mut Batch) {
-        batch.put_cf(self.cf(CF_META), META_TABLE_RESTORED, [1]);
     }
 
     /// Approximate number of table entries.
@@ -1236,53 +1218,26 @@ mod tests {
     }
 
     #[test]
-    fn a_table_without_the_recency_index_gets_one() {
+    fn a_restored_table_partition_gets_its_recency_index() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 8, 8).unwrap();
         let mut batch = Batch::default();
         for (title, at, completed) in [("a", 5, false), ("b", 9, false), ("c", 7, true)] {
             let entry = stored("p", title, at, completed);
             let key = keys::table_key(2, "p", title);
-            batch.put_cf(
-                store.cf(CF_RESUME),
-                key,
-                serde_json::to_vec(&entry).unwrap(),
-            );
+            let value = serde_json::to_vec(&entry).unwrap();
+            store.stage_restored(&mut batch, CF_RESUME, &key, Some(&value));
         }
-        batch.put_cf(store.cf(CF_META), META_TABLE_RESTORED_V2, [1]);
         store.commit(batch).unwrap();
         assert!(store.table_recent(2, "p", 10).unwrap().is_empty());
-        assert!(
-            store.table_restored().unwrap(),
-            "kept, not rebuilt from the topic"
-        );
+        store.rebuild_recent_index(2).unwrap();
         let titles: Vec<String> = store
             .table_recent(2, "p", 10)
             .unwrap()
             .into_iter()
             .map(|s| s.entry.position.title_id)
             .collect();
-        assert_eq!(titles, ["b", "a"]);
-    }
-
-    #[test]
-    fn a_table_in_the_earlier_key_format_is_dropped_for_a_rebuild() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 8, 8).unwrap();
-        let mut batch = Batch::default();
-        batch.put_cf(store.cf(CF_RESUME), b"\0\0\0\x01p\0t", b"{}");
-        batch.put_cf(store.cf(CF_META), META_TABLE_RESTORED_V1, [1]);
-        store.commit(batch).unwrap();
-        assert!(!store.table_restored().unwrap(), "rebuilt from the topic");
-        let left = store
-            .db
-            .iterator_cf(store.cf(CF_RESUME), rocksdb::IteratorMode::Start)
-            .count();
-        assert_eq!(left, 0, "old entries are gone");
-        let mut batch = Batch::default();
-        store.stage_table_restored(&mut batch);
-        store.commit(batch).unwrap();
-        assert!(store.table_restored().unwrap());
+        assert_eq!(titles, ["b", "a"], "unfinished titles, newest first");
     }
 
     #[test]

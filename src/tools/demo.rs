@@ -52,10 +52,9 @@ pub fn run(
                 "creating the demo topic {topic}"
             )))?;
     }
-    // Changelogs and partials are partitioned like the input.
-    for topic in crate::app::internal_topics(&topology) {
+    for (topic, partitions) in crate::app::internal_topics(&topology, 4) {
         kafka
-            .create_topic(&topic, 4, 1)
+            .create_topic(&topic, partitions, 1)
             .map_err(PipelineError::kafka(format!(
                 "creating the demo topic {topic}"
             )))?;
