@@ -410,13 +410,6 @@ impl Topology {
             "the topology has none of `[qos]`, `[resume]` and `[dau]`: expected at least one operator"
                 .into(),
         );
-        check(
-            self.processing.guarantee == Guarantee::AtLeastOnce || self.resume.is_none(),
-            "`processing.guarantee` is `exactly_once` with `[resume]`: the resume table is \
-             at-least-once for now (its output topic is its changelog); expected \
-             `at_least_once`, or a topology without `[resume]`"
-                .into(),
-        );
         if let Some(dau) = &self.dau {
             check(
                 dau.interval >= Duration::from_secs(1),

@@ -57,12 +57,13 @@ fn a_leader_crash_in_the_middle_of_the_stream_changes_no_result() {
     assert_eq!(late_event_ids(&late), expected.late);
 }
 
-/// Many instances, exact results, exactly once. Three `marquee run` processes share one
-/// group over a six-partition input on the three-node cluster while the stream is written:
-/// one random instance is SIGKILLed and restarted on its state directory ten times, a fourth
-/// instance joins, one leaves for good, and a broker is restarted. The `read_committed` view
-/// of the results and late topics equals the single-instance reference, record for record,
-/// with no duplicate.
+/// Many instances, exact results, exactly once. Three `marquee run` processes of the QoS and
+/// resume topology share one group over a six-partition input on the three-node cluster
+/// while the stream is written: one random instance is SIGKILLed and restarted on its state
+/// directory ten times, a fourth instance joins, one leaves for good, and a broker is
+/// restarted. The `read_committed` view of the results and late topics equals the
+/// single-instance reference, record for record, with no duplicate; the resume topic's
+/// committed table and the owners' HTTP answers equal the reference table.
 #[test]
 fn instances_that_crash_join_and_leave_give_the_reference_results_exactly_once() {
     use common::{registry, KillOnDrop};
@@ -87,10 +88,14 @@ fn instances_that_crash_join_and_leave_give_the_reference_results_exactly_once()
         // partition idle in such a pause would, by design, let windows close before its next
         // records, which the reference does not model.
         .replace("idle_timeout = \"4s\"", "idle_timeout = \"30s\"")
-        + "[processing]\nguarantee = \"exactly_once\"\n[sink.kafka]\n\"transaction.timeout.ms\" = \"15000\"\n";
+        + "[processing]\nguarantee = \"exactly_once\"\n[sink.kafka]\n\"transaction.timeout.ms\" = \"15000\"\n"
+        + &format!("[resume]\ntopic = \"{input}-positions\"\npartitions = 3\nemit_interval = \"200ms\"\n");
     assert!(toml.contains("idle_timeout = \"30s\"") && toml.contains("\"1s\""));
     std::fs::write(&file, &toml).unwrap();
     let topology = marquee::config::Topology::load(&file).unwrap();
+    let http: Vec<String> = (0..4)
+        .map(|_| format!("127.0.0.1:{}", common::free_port()))
+        .collect();
     let spawn = |n: usize| {
         let state = dir.path().join(format!("instance-{n}"));
         let child = Command::new(env!("CARGO_BIN_EXE_marquee"))
@@ -98,7 +103,7 @@ fn instances_that_crash_join_and_leave_give_the_reference_results_exactly_once()
             .args(["--registry", &registry().url()])
             .args(["--state-dir", state.to_str().unwrap()])
             .args(["--instance-id", &format!("chaos-{n}")])
-            .args(["--http", &format!("127.0.0.1:{}", common::free_port())])
+            .args(["--http", &http[n]])
             .env("RUST_LOG", "warn")
             .spawn()
             .expect("marquee binary starts");
@@ -178,7 +183,28 @@ fn instances_that_crash_join_and_leave_give_the_reference_results_exactly_once()
         Duration::from_secs(3),
         Duration::from_secs(30),
     );
+    let table: Vec<_> = events.iter().map(|(_, e)| e.clone()).collect();
+    let table = common::resume::expected_positions(&table);
+    let live: Vec<String> = (0..instances.len())
+        .filter(|&n| instances[n].is_some())
+        .map(|n| http[n].clone())
+        .collect();
+    // Partitions settle on the instances left; until then some answer 503 or 421.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let answered = loop {
+        let answer = common::resume::owners_answer(&live, &table);
+        if answer.is_ok() || std::time::Instant::now() > deadline {
+            break answer;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let positions = common::resume::topic_table(&brokers, &format!("{input}-positions"), 1);
     drop(instances);
     assert_results_equal(&results_by_key(&results), &expected.results);
     common::qos::assert_exactly_once(&results_again, &late, &expected);
+    assert_eq!(
+        positions, table,
+        "the committed resume topic holds the reference table"
+    );
+    answered.unwrap();
 }

@@ -193,18 +193,18 @@ fn early_results_need_an_interval_of_at_least_100ms() {
     assert!(e.contains("sometimes") && e.contains("early"), "{e}");
 }
 
-/// Exactly-once is refused with the resume table (at-least-once for now), and named.
+/// Exactly-once holds for every operator, the resume table included.
 #[test]
-fn exactly_once_with_the_resume_table_is_refused_with_the_key() {
-    let text = std::fs::read_to_string("topologies/resume.toml").unwrap()
-        + "\n[processing]\nguarantee = \"exactly_once\"\n";
-    let err = marquee::config::Topology::parse(&text, std::path::Path::new("resume.toml"))
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("processing.guarantee"), "{err}");
-    let ok = std::fs::read_to_string("topologies/qos.toml").unwrap()
-        + "\n[processing]\nguarantee = \"exactly_once\"\n";
-    marquee::config::Topology::parse(&ok, std::path::Path::new("qos.toml")).unwrap();
+fn exactly_once_is_accepted_with_every_operator() {
+    for file in ["topologies/resume.toml", "topologies/qos.toml"] {
+        let text = std::fs::read_to_string(file).unwrap()
+            + "\n[processing]\nguarantee = \"exactly_once\"\n";
+        let topology = marquee::config::Topology::parse(&text, std::path::Path::new(file)).unwrap();
+        assert_eq!(
+            topology.processing.guarantee,
+            marquee::config::Guarantee::ExactlyOnce
+        );
+    }
 }
 
 /// A session timeout shorter than a window can stay open (a new session could begin while the

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use marquee::record::{PlaybackEvent, ResumePosition};
 
-use super::read_topic;
+use super::read_committed;
 
 /// The reference: per key, the event with the largest (event_time, event_id).
 pub fn expected_positions(events: &[PlaybackEvent]) -> BTreeMap<String, ResumePosition> {
@@ -39,7 +39,7 @@ pub fn expected_positions(events: &[PlaybackEvent]) -> BTreeMap<String, ResumePo
         .collect()
 }
 
-/// The latest value per key of a resume-positions topic (tombstones delete).
+/// The latest committed value per key of a resume-positions topic (tombstones delete).
 pub fn topic_table(
     brokers: &str,
     topic: &str,
@@ -50,7 +50,7 @@ pub fn topic_table(
         .build()
         .unwrap();
     let mut table = BTreeMap::new();
-    for r in read_topic(
+    for r in read_committed(
         brokers,
         topic,
         at_least,
@@ -70,4 +70,31 @@ pub fn topic_table(
         }
     }
     table
+}
+
+/// Whether every key's answer from whichever instance owns it (the others answer 421) equals
+/// the reference; the first difference otherwise.
+pub fn owners_answer(
+    instances: &[String],
+    expected: &BTreeMap<String, ResumePosition>,
+) -> Result<(), String> {
+    for (key, want) in expected {
+        let path = format!("/profiles/{}/titles/{}", want.profile_id, want.title_id);
+        let want_json = serde_json::to_value(want).unwrap();
+        let answers: Vec<(u16, String)> = instances
+            .iter()
+            .map(|http| super::http_get(http, &path))
+            .filter(|(status, _)| *status != 421)
+            .collect();
+        let [(200, body)] = answers.as_slice() else {
+            return Err(format!(
+                "{key}: answers {answers:?}, expected one owner's 200"
+            ));
+        };
+        let got: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+        if got != want_json {
+            return Err(format!("{key}: {got}, expected {want_json}"));
+        }
+    }
+    Ok(())
 }
