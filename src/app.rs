@@ -21,7 +21,7 @@ use crate::operators::qos::{GlobalWatermark, PartialsTopic, QosWindows, ResultHo
 use crate::operators::repartition::Repartition;
 use crate::operators::table::ResumeTable;
 use crate::resume::{TableView, RESUME_POSITION_SCHEMA};
-use crate::runtime::merge::{Merge, MergeOptions, MERGE_TASK};
+use crate::runtime::merge::{DayMerge, Merge, MergeOptions, WindowMerge, MERGE_TASK};
 use crate::runtime::{Operator, Task, TaskOptions, Transactions};
 use crate::serve::http::{self, Health};
 use crate::state::{Store, CF_DAILY, CF_QOE, CF_RESUME, CF_SESSIONS, CF_WINDOWS, POSITIONS};
@@ -147,7 +147,8 @@ fn run_operators(
     {
         changelog.ensure_topics(resume.partitions)?;
     }
-    let partials = topology.qos.as_ref().map(|_| PartialsTopic {
+    let two_phase = topology.qos.is_some() || topology.dau.is_some();
+    let partials = two_phase.then(|| PartialsTopic {
         topic: partials_topic(topology),
         partitions: input_partitions,
     });
@@ -171,7 +172,7 @@ fn run_operators(
     if table_task.is_some() {
         health.expect(TABLE_TASK);
     }
-    if topology.qos.is_some() {
+    if two_phase {
         health.expect(MERGE_TASK);
     }
     let stop = shutdown.child_token();
@@ -185,14 +186,14 @@ fn run_operators(
             let (partials, global) = (partials.clone(), Arc::clone(&global));
             tasks.push(spawn_task(scope, &stop.clone(), move || {
                 let mut operators: Vec<Box<dyn Operator>> = Vec::new();
-                if let (Some(qos), Some(partials)) = (&topology.qos, partials) {
-                    let windows = QosWindows::new(qos, Arc::clone(&store), partials, global)?;
+                if let (Some(qos), Some(partials)) = (&topology.qos, partials.clone()) {
+                    let windows =
+                        QosWindows::new(qos, Arc::clone(&store), partials, Arc::clone(&global))?;
                     operators.push(Box::new(windows));
                 }
-                if let Some(dau) = &topology.dau {
-                    let output =
-                        Output::register(registry.as_ref(), &dau.topic, DAILY_ACTIVE_SCHEMA)?;
-                    let operator = DailyActiveUsers::new(dau, Arc::clone(&store), output)?;
+                if let (Some(dau), Some(partials)) = (&topology.dau, partials) {
+                    let operator =
+                        DailyActiveUsers::new(dau, Arc::clone(&store), partials, global)?;
                     operators.push(Box::new(operator));
                 }
                 if let (Some(partitions), Some(topic)) = (repartition, repartition_topic) {
@@ -205,11 +206,40 @@ fn run_operators(
                 task.run(&stop)
             }));
         }
-        if let (Some(qos), Some(partials)) = (&topology.qos, &partials) {
+        if let Some(partials) = &partials {
             let (registry, stop) = (Arc::clone(&registry), stop.clone());
             tasks.push(spawn_task(scope, &stop.clone(), move || {
-                let results =
-                    Output::register(registry.as_ref(), &topology.sink.topic, QOS_WINDOW_SCHEMA)?;
+                let windows = match &topology.qos {
+                    Some(qos) => Some(WindowMerge {
+                        spec: WindowSpec::new(
+                            qos.window,
+                            qos.advance.unwrap_or(qos.window),
+                            qos.grace,
+                        ),
+                        qoe: qos.qoe,
+                        gauge_slots: qos.gauge_dimensions.iter().map(|d| slot(*d)).collect(),
+                        early_interval: (qos.emit == EmitPolicy::Early)
+                            .then_some(qos.early_interval),
+                        results: Output::register(
+                            registry.as_ref(),
+                            &topology.sink.topic,
+                            QOS_WINDOW_SCHEMA,
+                        )?,
+                    }),
+                    None => None,
+                };
+                let days = match &topology.dau {
+                    Some(dau) => Some(DayMerge {
+                        grace: dau.grace.as_millis() as i64,
+                        interval: dau.interval,
+                        output: Output::register(
+                            registry.as_ref(),
+                            &dau.topic,
+                            DAILY_ACTIVE_SCHEMA,
+                        )?,
+                    }),
+                    None => None,
+                };
                 let group = format!("{}-merge", topology.group_id());
                 let exactly_once = topology.processing.guarantee == Guarantee::ExactlyOnce;
                 let (source, sink) = connect(
@@ -223,14 +253,12 @@ fn run_operators(
                 let options = MergeOptions {
                     topic: partials.topic.clone(),
                     sources: partials.partitions,
-                    spec: WindowSpec::new(qos.window, qos.advance.unwrap_or(qos.window), qos.grace),
-                    qoe: qos.qoe,
-                    gauge_slots: qos.gauge_dimensions.iter().map(|d| slot(*d)).collect(),
-                    early_interval: (qos.emit == EmitPolicy::Early).then_some(qos.early_interval),
                     checkpoint_interval: topology.state.checkpoint_interval,
+                    windows,
+                    days,
                 };
                 let health = Arc::clone(health);
-                Merge::new(options, source, sink, results, global, on_result, health).run(&stop)
+                Merge::new(options, source, sink, global, on_result, health).run(&stop)
             }));
         }
         if let Some((resume, view)) = table_task {
@@ -456,9 +484,9 @@ fn changelogged_stores(topology: &Topology) -> Vec<&'static str> {
     stores
 }
 
-/// The QoS partials topic of the topology's group.
+/// The partials topic (between the two phases of QoS and DAU) of the topology's group.
 fn partials_topic(topology: &Topology) -> String {
-    format!("{}-qos-partials", topology.group_id())
+    format!("{}-partials", topology.group_id())
 }
 
 /// The internal topics (changelogs, QoS partials) with their partitions, for brokers that
@@ -474,7 +502,7 @@ pub fn internal_topics(topology: &Topology, input_partitions: i32) -> Vec<(Strin
             )
         })
         .collect();
-    if topology.qos.is_some() {
+    if topology.qos.is_some() || topology.dau.is_some() {
         topics.push((partials_topic(topology), input_partitions));
     }
     if let Some(resume) = topology

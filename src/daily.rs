@@ -30,7 +30,14 @@ pub struct Active {
     new_profiles: Vec<u64>,
     /// Anything was added since the last checkpoint.
     pub changed: bool,
+    /// Hashes not yet sent to the merge (exact sets only), and whether anything is owed.
+    unsent_accounts: Vec<u64>,
+    unsent_profiles: Vec<u64>,
+    unsent: bool,
 }
+
+/// Hashes per partial record of exact ids: 256 KiB, far below Kafka's default record limit.
+const HASHES_PER_RECORD: usize = 32_768;
 
 impl Active {
     /// An empty group.
@@ -41,6 +48,9 @@ impl Active {
             new_accounts: Vec::new(),
             new_profiles: Vec::new(),
             changed: false,
+            unsent_accounts: Vec::new(),
+            unsent_profiles: Vec::new(),
+            unsent: false,
         }
     }
 
@@ -48,13 +58,58 @@ impl Active {
         let exact = self.accounts.is_exact();
         if self.accounts.insert(account) && exact {
             self.new_accounts.push(account);
+            self.unsent_accounts.push(account);
             self.changed = true;
+            self.unsent = true;
         }
         if self.profiles.insert(profile) && exact {
             self.new_profiles.push(profile);
+            self.unsent_profiles.push(profile);
             self.changed = true;
+            self.unsent = true;
         }
         self.changed |= !exact;
+        self.unsent |= !exact;
+    }
+
+    /// Owes the merge every id (after a restore: what was sent before is not known).
+    pub fn mark_all_unsent(&mut self) {
+        if let (Distinct::Exact(a), Distinct::Exact(p)) = (&self.accounts, &self.profiles) {
+            self.unsent_accounts = a.iter().copied().collect();
+            self.unsent_profiles = p.iter().copied().collect();
+        }
+        self.unsent = true;
+    }
+
+    /// What the merge is owed since the last call: the new exact ids in parts of at most
+    /// [`HASHES_PER_RECORD`], or the whole sketch.
+    pub fn take_unsent(&mut self) -> Vec<Active> {
+        if !std::mem::take(&mut self.unsent) {
+            return Vec::new();
+        }
+        if !self.accounts.is_exact() {
+            let mut whole = Active::new(false);
+            whole.merge(self);
+            return vec![whole];
+        }
+        let accounts = std::mem::take(&mut self.unsent_accounts);
+        let profiles = std::mem::take(&mut self.unsent_profiles);
+        let mut out = Vec::new();
+        let (mut a, mut p) = (accounts.as_slice(), profiles.as_slice());
+        while !a.is_empty() || !p.is_empty() {
+            let take_a = a.len().min(HASHES_PER_RECORD);
+            let take_p = p.len().min(HASHES_PER_RECORD - take_a);
+            let mut part = Active::new(true);
+            a[..take_a]
+                .iter()
+                .for_each(|h| _ = part.accounts.insert(*h));
+            p[..take_p]
+                .iter()
+                .for_each(|h| _ = part.profiles.insert(*h));
+            out.push(part);
+            (a, p) = (&a[take_a..], &p[take_p..]);
+        }
+        out
     }
 
     /// Adds every id of another partial.
@@ -246,6 +301,32 @@ mod tests {
             prop_assert_eq!(restored.accounts.count(), active.accounts.count());
             prop_assert_eq!(restored.profiles.count(), active.profiles.count());
             prop_assert_eq!(&restored.accounts, &active.accounts);
+        }
+    }
+
+    proptest! {
+        /// The parts sent to the merge, in any number of rounds, union to the whole set.
+        #[test]
+        fn unsent_parts_union_to_the_whole(ids in prop::collection::vec((0u32..5_000, 0u32..3, 0usize..6), 1..400), exact: bool) {
+            let mut active = Active::new(exact);
+            let mut merged = Active::new(exact);
+            for (i, (account, profile, cut)) in ids.iter().enumerate() {
+                active.add(stable_hash(&format!("a{account}")), stable_hash(&format!("a{account}-p{profile}")));
+                if *cut == 0 || i + 1 == ids.len() {
+                    for part in active.take_unsent() {
+                        merged.merge(&Active::decode(&part.encode()).unwrap());
+                    }
+                }
+            }
+            prop_assert!(active.take_unsent().is_empty(), "nothing owed twice");
+            prop_assert_eq!(&merged.accounts, &active.accounts);
+            prop_assert_eq!(&merged.profiles, &active.profiles);
+            active.mark_all_unsent();
+            let mut again = Active::new(exact);
+            for part in active.take_unsent() {
+                again.merge(&part);
+            }
+            prop_assert_eq!(&again.accounts, &active.accounts);
         }
     }
 

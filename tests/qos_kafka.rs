@@ -800,7 +800,7 @@ fn a_wiped_state_directory_is_restored_from_the_changelogs() {
     assert_eq!(common::qos::newest_daily(&days), want_days);
     let restored: f64 = page
         .lines()
-        .filter_map(|l| l.strip_prefix("marquee_restored_records_total "))
+        .filter_map(|l| l.strip_prefix("marquee_restored_records_total{task=\"input\"} "))
         .filter_map(|v| v.trim().parse::<f64>().ok())
         .sum();
     assert!(

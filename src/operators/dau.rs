@@ -1,60 +1,67 @@
-//! Daily active users: distinct accounts and profiles per UTC day, overall and per country and
-//! device type. A day is a window of one day with the same watermark, grace and lateness
-//! rules as any window: a running (not final) value every `interval` of wall clock for each
-//! day that changed, and the final value once the operator watermark passes midnight plus
-//! grace.
+//! Daily active users, phase one: per owned input partition, UTC day and group (overall, per
+//! country and per device type), the distinct accounts and profiles with any accepted event.
+//! What each partition gains goes to the internal partials topic at every checkpoint, and its
+//! days' progress after it; the merge ([`crate::runtime::merge`]) unites the partitions' ids
+//! and writes running values every `interval` and the final value once every input partition
+//! has passed midnight plus grace. Distinct ids are not additive, so partials are sets (or
+//! sketches), never counts (see [`crate::operators::partials`]).
+//!
+//! Days close here as windows do in [`crate::operators::qos`]: at the operator watermark of the
+//! owned partitions, or the global one once all of them are idle. A record for a day its
+//! partition has closed is late.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use crate::state::Batch;
 
 use crate::config::{Counting, DauConfig};
 use crate::daily::{day_of, DayPartial, DAY_MS};
 use crate::error::PipelineError;
-use crate::io::sink::Output;
-use crate::metrics;
+use crate::operators::partials::{day_part, partition_of, PartialRecord};
+use crate::operators::qos::{GlobalWatermark, PartialsTopic};
 use crate::runtime::{Context, Handled, Operator, Record};
+use crate::state::Batch;
 use crate::state::{PartitionMeta, Store, DAU_FRONTIER};
 
-/// The DAU operator.
+/// The DAU operator (phase one).
 pub struct DailyActiveUsers {
     exact: bool,
     grace: i64,
-    interval: Duration,
     store: Arc<Store>,
-    output: Output,
+    partials: PartialsTopic,
+    global: GlobalWatermark,
     /// Open days per owned input partition.
     parts: BTreeMap<i32, BTreeMap<i64, DayPartial>>,
-    /// Highest operator watermark at which days were closed.
-    closed_through: i64,
-    /// Emitted days whose state is deleted at the next checkpoint.
+    /// Per owned partition, the highest watermark at which its days were closed.
+    closed: BTreeMap<i32, i64>,
+    /// The frontier of a state directory written before frontiers were per partition.
+    legacy_closed: i64,
+    /// Closed days whose state is deleted at the next checkpoint.
     emitted: Vec<(i32, i64)>,
-    /// Open days changed since running values were last written.
-    changed: BTreeSet<i64>,
-    last_running: Instant,
-    gauges: metrics::DailyActiveGauges,
-    /// The day the gauges show: an older day never replaces it.
-    gauge_day: i64,
+    /// Progress last written per owned partition: (watermark, idle, closed through).
+    progress: BTreeMap<i32, (i64, bool, i64)>,
 }
 
 impl DailyActiveUsers {
-    /// The operator of `dau`, writing to `output`.
-    pub fn new(dau: &DauConfig, store: Arc<Store>, output: Output) -> Result<Self, PipelineError> {
+    /// The operator of `dau`, writing partials to `partials`, closing days no earlier than
+    /// the `global` watermark.
+    pub fn new(
+        dau: &DauConfig,
+        store: Arc<Store>,
+        partials: PartialsTopic,
+        global: GlobalWatermark,
+    ) -> Result<Self, PipelineError> {
         Ok(Self {
             exact: dau.counting == Counting::Exact,
             grace: dau.grace.as_millis() as i64,
-            interval: dau.interval,
-            closed_through: store.closed_through(DAU_FRONTIER)?.unwrap_or(i64::MIN),
+            legacy_closed: store.closed_through(DAU_FRONTIER)?.unwrap_or(i64::MIN),
             store,
-            output,
+            partials,
+            global,
             parts: BTreeMap::new(),
+            closed: BTreeMap::new(),
             emitted: Vec::new(),
-            changed: BTreeSet::new(),
-            last_running: Instant::now(),
-            gauges: metrics::DailyActiveGauges::default(),
-            gauge_day: i64::MIN,
+            progress: BTreeMap::new(),
         })
     }
 
@@ -62,27 +69,60 @@ impl DailyActiveUsers {
         day + DAY_MS + self.grace
     }
 
-    /// Sends the results of `days` (merged over partitions) and points the gauges at the
-    /// newest day.
-    fn emit(
-        &mut self,
+    /// Writes what partition `partition` gained on `day` since it last wrote.
+    fn send_day(
         ctx: &Context<'_>,
-        days: &BTreeMap<i64, DayPartial>,
-        is_final: bool,
-    ) -> Result<u64, PipelineError> {
-        let mut sent = 0;
-        for (&day, partial) in days {
-            let results = partial.results(day, is_final);
-            for r in &results {
-                ctx.sink.send_result(&self.output, &r.key(), r, None, &[])?;
-                sent += 1;
-            }
-            if day >= self.gauge_day {
-                self.gauge_day = day;
-                self.gauges.publish(&results);
+        partials: &PartialsTopic,
+        partition: i32,
+        day: i64,
+        partial: &mut DayPartial,
+    ) -> Result<(), PipelineError> {
+        for (slot, groups) in partial.groups.iter_mut().enumerate() {
+            for (group, active) in groups.iter_mut() {
+                for ids in active.take_unsent() {
+                    let record = PartialRecord::Day {
+                        day,
+                        slot: slot as u8,
+                        group: group.to_string(),
+                        source: partition,
+                        part: day_part(&ids),
+                        ids: Some(Box::new(ids)),
+                    };
+                    let to = partition_of(day, slot as u8, group, partials.partitions);
+                    let (key, value) = record.encode();
+                    ctx.sink
+                        .send_raw(&partials.topic, &key, value.as_deref(), to, None)?;
+                }
             }
         }
-        Ok(sent)
+        Ok(())
+    }
+
+    /// Writes the progress of each owned partition that changed to every partition of the
+    /// partials topic, after the days it covers.
+    fn send_progress(&mut self, ctx: &Context<'_>) -> Result<(), PipelineError> {
+        for mark in ctx.partitions {
+            let Some(&closed) = self.closed.get(&mark.partition) else {
+                continue;
+            };
+            let now = (mark.watermark, mark.idle, closed);
+            if self.progress.get(&mark.partition) == Some(&now) {
+                continue;
+            }
+            self.progress.insert(mark.partition, now);
+            let (key, value) = PartialRecord::DayProgress {
+                source: mark.partition,
+                watermark: now.0,
+                idle: now.1,
+                closed_through: now.2,
+            }
+            .encode();
+            for to in 0..self.partials.partitions {
+                ctx.sink
+                    .send_raw(&self.partials.topic, &key, value.as_deref(), to, None)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -92,13 +132,28 @@ impl Operator for DailyActiveUsers {
     }
 
     fn assign(&mut self, partition: i32, _: Option<&PartitionMeta>) -> Result<(), PipelineError> {
-        let days = self.store.load_days(partition)?;
+        let mut days = self.store.load_days(partition)?;
+        // What was sent before is not known here: the merge's union makes sending it again
+        // harmless.
+        for partial in days.values_mut() {
+            for active in partial.groups.iter_mut().flat_map(|g| g.values_mut()) {
+                active.mark_all_unsent();
+            }
+        }
         self.parts.insert(partition, days);
+        let closed = self
+            .store
+            .partition_frontier(DAU_FRONTIER, partition)?
+            .unwrap_or(self.legacy_closed);
+        self.closed.insert(partition, closed);
         Ok(())
     }
 
     fn revoke(&mut self, partition: i32) {
         self.parts.remove(&partition);
+        self.closed.remove(&partition);
+        self.progress.remove(&partition);
+        self.emitted.retain(|(p, _)| *p != partition);
     }
 
     fn on_record(
@@ -107,63 +162,54 @@ impl Operator for DailyActiveUsers {
         record: &Record<'_>,
     ) -> Result<Handled, PipelineError> {
         let day = day_of(record.event.event_time);
-        let watermark = record.watermark.max(self.closed_through);
+        let partition = record.origin.partition;
+        let closed = self.closed.get(&partition).copied().unwrap_or(i64::MIN);
+        let watermark = record.watermark.max(closed);
         if watermark >= self.closes_at(day) {
             return Ok(Handled::Late {
                 window_start: day,
                 watermark,
             });
         }
-        if let Some(days) = self.parts.get_mut(&record.origin.partition) {
+        if let Some(days) = self.parts.get_mut(&partition) {
             days.entry(day).or_default().add(record.event, self.exact);
-            self.changed.insert(day);
         }
         Ok(Handled::Applied)
     }
 
-    /// Emits the final value of every day closed at `watermark`.
+    /// Closes every day closed at `watermark` (or the global one, once every owned partition
+    /// is idle): its last ids go to the merge, then the partitions' progress.
     fn on_watermark(&mut self, ctx: &Context<'_>, watermark: i64) -> Result<(), PipelineError> {
-        let mut closed: BTreeMap<i64, DayPartial> = BTreeMap::new();
+        let quiet = ctx.partitions.iter().all(|m| m.idle);
+        let watermark = if quiet {
+            watermark.max(self.global.load(Ordering::Acquire))
+        } else {
+            watermark
+        };
+        let grace = self.grace;
         for (&p, days) in self.parts.iter_mut() {
-            while let Some(entry) = days.first_entry() {
-                if watermark < *entry.key() + DAY_MS + self.grace {
+            while let Some(mut entry) = days.first_entry() {
+                let day = *entry.key();
+                if watermark < day + DAY_MS + grace {
                     break;
                 }
-                let (day, partial) = entry.remove_entry();
-                closed.entry(day).or_default().merge(&partial);
+                Self::send_day(ctx, &self.partials, p, day, entry.get_mut())?;
+                entry.remove();
                 self.emitted.push((p, day));
             }
+            let frontier = self.closed.entry(p).or_insert(i64::MIN);
+            *frontier = (*frontier).max(watermark);
         }
-        self.closed_through = self.closed_through.max(watermark);
-        for day in closed.keys() {
-            self.changed.remove(day);
-        }
-        if !closed.is_empty() {
-            let sent = self.emit(ctx, &closed, true)?;
-            metrics::results_emitted(sent);
-        }
-        Ok(())
+        self.send_progress(ctx)
     }
 
-    /// Writes running values of the days that changed, every `interval`.
-    fn on_tick(&mut self, ctx: &Context<'_>) -> Result<(), PipelineError> {
-        if ctx.now.saturating_duration_since(self.last_running) < self.interval
-            || self.changed.is_empty()
-        {
-            return Ok(());
-        }
-        self.last_running = ctx.now;
-        let mut open: BTreeMap<i64, DayPartial> = BTreeMap::new();
-        for days in self.parts.values() {
-            for day in &self.changed {
-                if let Some(partial) = days.get(day) {
-                    open.entry(*day).or_default().merge(partial);
-                }
+    /// The open days' new ids go to the merge with every checkpoint (its running values).
+    fn before_flush(&mut self, ctx: &Context<'_>, _all: bool) -> Result<(), PipelineError> {
+        for (&p, days) in self.parts.iter_mut() {
+            for (&day, partial) in days.iter_mut() {
+                Self::send_day(ctx, &self.partials, p, day, partial)?;
             }
         }
-        self.changed.clear();
-        let sent = self.emit(ctx, &open, false)?;
-        metrics::early_results_emitted(sent);
         Ok(())
     }
 
@@ -174,9 +220,9 @@ impl Operator for DailyActiveUsers {
         for (&p, days) in self.parts.iter_mut() {
             self.store.stage_days(batch, p, days);
         }
-        if self.closed_through != i64::MIN {
+        for (&p, &closed) in self.closed.iter().filter(|(_, c)| **c != i64::MIN) {
             self.store
-                .stage_closed_through(batch, DAU_FRONTIER, self.closed_through);
+                .stage_partition_frontier(batch, DAU_FRONTIER, p, closed);
         }
         Ok(())
     }

@@ -1,13 +1,20 @@
-//! The internal topic between the two phases of the QoS aggregation: each input partition's
-//! aggregate of a window and group (phase one, on the instance that owns the partition), and
-//! each input partition's progress; the merge (phase two) owns every window and group of its
-//! partitions of this topic and closes a window once every input partition has.
+//! The internal topic between the two phases of the QoS and DAU aggregations: each input
+//! partition's aggregate of a window (or day) and group (phase one, on the instance that owns
+//! the partition), and each input partition's progress; the merge (phase two) owns every
+//! window, day and group of its partitions of this topic and closes a window or day once every
+//! input partition has.
+//!
+//! Distinct ids (DAU) are not additive, so a day's partials are sets: exact ids go as the
+//! hashes each partition gained since its previous record, each record keyed by its content
+//! (a replay rewrites the same key; the merge takes the union), and a sketch goes whole under
+//! one key per partition, group and day.
 //!
 //! The topic is compacted and keyed so that it is also the merge's state: a partial is
 //! replaced by the partition's newer one, the merge deletes a window's partials once it has
 //! emitted it, and its frontier record says which windows are done. A replayed partial is
 //! identical to the one it replaces, so replays after a crash change nothing.
 
+use crate::daily::Active;
 use crate::state::keys::{time_bytes, time_from};
 use crate::state::{decode_group, decode_qoe, encode_group, encode_qoe};
 use crate::window::GroupAgg;
@@ -35,11 +42,43 @@ pub enum PartialRecord {
     },
     /// The merge has emitted every window closed at this watermark.
     Frontier(i64),
+    /// Ids input partition `source` has seen on `day` in one group (`part` tells its records
+    /// apart); `None` once the merge has emitted the day.
+    Day {
+        day: i64,
+        slot: u8,
+        group: String,
+        source: i32,
+        part: u64,
+        ids: Option<Box<Active>>,
+    },
+    /// [`PartialRecord::Progress`] of the DAU days.
+    DayProgress {
+        source: i32,
+        watermark: i64,
+        idle: bool,
+        closed_through: i64,
+    },
+    /// The merge has emitted every day closed at this watermark.
+    DayFrontier(i64),
 }
 
 const PARTIAL: u8 = b'P';
 const PROGRESS: u8 = b'H';
 const FRONTIER: u8 = b'F';
+const DAY: u8 = b'D';
+const DAY_PROGRESS: u8 = b'E';
+const DAY_FRONTIER: u8 = b'G';
+
+/// The `part` of a day record holding `ids`: a sketch has one record per partition, group
+/// and day (replaced as it grows), exact ids one per content (a replay rewrites the same).
+pub fn day_part(ids: &Active) -> u64 {
+    if ids.accounts.is_exact() {
+        wyhash::wyhash(&ids.encode(), 0) | 1
+    } else {
+        0
+    }
+}
 
 /// The partition of the internal topic that owns a window and group.
 pub fn partition_of(start: i64, slot: u8, group: &str, partitions: i32) -> i32 {
@@ -90,15 +129,34 @@ impl PartialRecord {
                 watermark,
                 idle,
                 closed_through,
-            } => {
-                let mut key = vec![PROGRESS];
-                key.extend_from_slice(&source.to_be_bytes());
-                let mut value = watermark.to_le_bytes().to_vec();
-                value.push(u8::from(*idle));
-                value.extend_from_slice(&closed_through.to_le_bytes());
-                (key, Some(value))
-            }
+            } => progress(PROGRESS, *source, *watermark, *idle, *closed_through),
+            Self::DayProgress {
+                source,
+                watermark,
+                idle,
+                closed_through,
+            } => progress(DAY_PROGRESS, *source, *watermark, *idle, *closed_through),
             Self::Frontier(watermark) => (vec![FRONTIER], Some(watermark.to_le_bytes().to_vec())),
+            Self::DayFrontier(watermark) => {
+                (vec![DAY_FRONTIER], Some(watermark.to_le_bytes().to_vec()))
+            }
+            Self::Day {
+                day,
+                slot,
+                group,
+                source,
+                part,
+                ids,
+            } => {
+                let mut key = Vec::with_capacity(22 + group.len());
+                key.push(DAY);
+                key.extend_from_slice(&time_bytes(*day));
+                key.push(*slot);
+                key.extend_from_slice(&source.to_be_bytes());
+                key.extend_from_slice(&part.to_be_bytes());
+                key.extend_from_slice(group.as_bytes());
+                (key, ids.as_ref().map(|ids| ids.encode()))
+            }
         }
     }
 
@@ -141,9 +199,49 @@ impl PartialRecord {
                 })
             }
             FRONTIER => Some(Self::Frontier(i64_at(value?, 0)?)),
+            DAY_PROGRESS => {
+                let v = value?;
+                Some(Self::DayProgress {
+                    source: i32::from_be_bytes(rest.get(0..4)?.try_into().ok()?),
+                    watermark: i64_at(v, 0)?,
+                    idle: *v.get(8)? == 1,
+                    closed_through: i64_at(v, 9)?,
+                })
+            }
+            DAY_FRONTIER => Some(Self::DayFrontier(i64_at(value?, 0)?)),
+            DAY => {
+                let ids = match value {
+                    None => None,
+                    Some(v) => Some(Box::new(Active::decode(v)?)),
+                };
+                Some(Self::Day {
+                    day: time_from(rest.get(0..8)?.try_into().ok()?),
+                    slot: *rest.get(8)?,
+                    source: i32::from_be_bytes(rest.get(9..13)?.try_into().ok()?),
+                    part: u64::from_be_bytes(rest.get(13..21)?.try_into().ok()?),
+                    group: String::from_utf8(rest.get(21..)?.to_vec()).ok()?,
+                    ids,
+                })
+            }
             _ => None,
         }
     }
+}
+
+/// A progress record of `kind`.
+fn progress(
+    kind: u8,
+    source: i32,
+    watermark: i64,
+    idle: bool,
+    closed_through: i64,
+) -> (Vec<u8>, Option<Vec<u8>>) {
+    let mut key = vec![kind];
+    key.extend_from_slice(&source.to_be_bytes());
+    let mut value = watermark.to_le_bytes().to_vec();
+    value.push(u8::from(idle));
+    value.extend_from_slice(&closed_through.to_le_bytes());
+    (key, Some(value))
 }
 
 #[cfg(test)]
@@ -176,6 +274,8 @@ mod tests {
                 PartialRecord::Partial { start, slot, group, source, agg: None },
                 PartialRecord::Progress { source, watermark, idle, closed_through: start },
                 PartialRecord::Frontier(watermark),
+                PartialRecord::DayProgress { source, watermark, idle, closed_through: start },
+                PartialRecord::DayFrontier(watermark),
             ];
             for record in records {
                 let (key, value) = record.encode();
@@ -192,6 +292,24 @@ mod tests {
                     }
                     _ => prop_assert_eq!(back, record),
                 }
+            }
+        }
+
+        #[test]
+        fn day_records_round_trip(
+            day in any::<i64>(), slot in 0u8..3, group in "[a-z/\\x00é]{0,12}", source in 0i32..1000,
+            ids in proptest::collection::vec(any::<u64>(), 0..50), exact: bool,
+        ) {
+            let mut active = Active::new(exact);
+            for id in ids {
+                active.accounts.insert(id);
+                active.profiles.insert(id.rotate_left(7));
+            }
+            let part = day_part(&active);
+            for ids in [Some(Box::new(active)), None] {
+                let record = PartialRecord::Day { day, slot, group: group.clone(), source, part, ids };
+                let (key, value) = record.encode();
+                prop_assert_eq!(PartialRecord::decode(&key, value.as_deref()), Some(record));
             }
         }
     }

@@ -1,7 +1,8 @@
-//! Phase two of the QoS aggregation: the merge task. It reads the internal partials topic
-//! in its own consumer group, so each window and group has exactly one owner among the
-//! instances, and emits a window's results once every input partition's progress says its
-//! owner has closed the window: never on the set of partitions one instance happens to own.
+//! Phase two of the QoS and DAU aggregations: the merge task. It reads the internal partials
+//! topic in its own consumer group, so each window (or day) and group has exactly one owner
+//! among the instances, and emits a window's (day's) results once every input partition's
+//! progress says its owner has closed it: never on the set of partitions one instance happens
+//! to own. Windows add their partitions' aggregates up; days unite their partitions' ids.
 //!
 //! Its state lives in the compacted partials topic itself (see [`crate::operators::partials`]):
 //! an assigned partition is read from its beginning, the merge deletes a window's partials
@@ -21,17 +22,19 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use tokio_util::sync::CancellationToken;
 
+use crate::daily::{Active, DayPartial, DAY_MS};
 use crate::error::PipelineError;
 use crate::io::sink::{Output, Sink};
 use crate::io::source::{Assignment, Source};
 use crate::metrics;
 use crate::operators::partials::PartialRecord;
 use crate::operators::qos::{GlobalWatermark, ResultHook};
+use crate::record::DailyActive;
 use crate::serve::http::Health;
 use crate::window::{slot_name, GroupAgg, WindowPartial, WindowSpec};
 
 /// Name of the merge in `/readyz`.
-pub const MERGE_TASK: &str = "qos-merge";
+pub const MERGE_TASK: &str = "merge";
 /// How often windows are checked for closing and the global watermark recomputed.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -41,13 +44,33 @@ pub struct MergeOptions {
     pub topic: String,
     /// Number of input partitions: a window closes once all of them have closed it.
     pub sources: i32,
+    pub checkpoint_interval: Duration,
+    /// The QoS windows, when the topology has them.
+    pub windows: Option<WindowMerge>,
+    /// The DAU days, when the topology has them.
+    pub days: Option<DayMerge>,
+}
+
+/// The QoS side of the merge.
+pub struct WindowMerge {
     pub spec: WindowSpec,
     pub qoe: bool,
     /// Dimension slots with gauges (besides `all`).
     pub gauge_slots: Vec<u8>,
     /// The `early` policy's interval; `None` for `final`.
     pub early_interval: Option<Duration>,
-    pub checkpoint_interval: Duration,
+    /// The QoS results topic.
+    pub results: Output,
+}
+
+/// The DAU side of the merge.
+pub struct DayMerge {
+    /// How long after midnight (event time) a day stays open, in milliseconds.
+    pub grace: i64,
+    /// How often running values of the open days that changed are written.
+    pub interval: Duration,
+    /// The DAU topic.
+    pub output: Output,
 }
 
 /// A source partition's last progress record.
@@ -61,6 +84,16 @@ struct Progress {
 /// Open windows of one window start: each group's partial per source partition.
 type Groups = BTreeMap<(u8, Box<str>), BTreeMap<i32, GroupAgg>>;
 
+/// The groups of one open day.
+type DayGroups = BTreeMap<(u8, Box<str>), DayGroup>;
+
+/// One group of an open day: the union of every partition's ids, and which records they came
+/// in (deleted once the day is emitted).
+struct DayGroup {
+    ids: Active,
+    records: BTreeSet<(i32, u64)>,
+}
+
 /// The merge state of one partition of the partials topic.
 #[derive(Default)]
 struct MergePartition {
@@ -73,10 +106,23 @@ struct MergePartition {
     /// The partition was read to its end since it was assigned: before that, a window whose
     /// frontier record is still ahead may look open, so nothing is emitted.
     rebuilt: bool,
+    days: BTreeMap<i64, DayGroups>,
+    day_progress: BTreeMap<i32, Progress>,
+    /// Every day closed at this watermark was emitted.
+    day_frontier: Option<i64>,
+    /// Open days changed since running values were last written.
+    days_changed: BTreeSet<i64>,
 }
 
 impl MergePartition {
-    fn apply(&mut self, spec: &WindowSpec, record: PartialRecord) -> Option<PartialRecord> {
+    /// Applies one record; returns the tombstone owed when it is a replay of something
+    /// already emitted.
+    fn apply(
+        &mut self,
+        spec: Option<&WindowSpec>,
+        day_grace: i64,
+        record: PartialRecord,
+    ) -> Option<PartialRecord> {
         match record {
             PartialRecord::Partial {
                 start,
@@ -85,6 +131,7 @@ impl MergePartition {
                 source,
                 agg,
             } => {
+                let spec = spec?;
                 if self.frontier.is_some_and(|f| spec.is_closed(start, f)) {
                     // A replay of a partial already merged and emitted: delete it again.
                     return agg.map(|_| {
@@ -129,30 +176,110 @@ impl MergePartition {
             }
             PartialRecord::Frontier(f) => {
                 self.frontier = Some(self.frontier.map_or(f, |old| old.max(f)));
+                // Read back before their tombstones (or after a crash between the two): the
+                // emitted windows are done.
+                if let Some(spec) = spec {
+                    self.windows.retain(|&start, _| !spec.is_closed(start, f));
+                }
+            }
+            PartialRecord::Day {
+                day,
+                slot,
+                group,
+                source,
+                part,
+                ids,
+            } => {
+                let closed = |f: i64| day + DAY_MS + day_grace <= f;
+                if self.day_frontier.is_some_and(closed) {
+                    return ids.map(|_| {
+                        metrics::stale_partials(1);
+                        PartialRecord::Day {
+                            day,
+                            slot,
+                            group,
+                            source,
+                            part,
+                            ids: None,
+                        }
+                    });
+                }
+                let groups = self.days.entry(day).or_default();
+                let key = (slot, group.into_boxed_str());
+                match ids {
+                    Some(ids) => {
+                        let exact = ids.accounts.is_exact();
+                        let entry = groups.entry(key).or_insert_with(|| DayGroup {
+                            ids: Active::new(exact),
+                            records: BTreeSet::new(),
+                        });
+                        entry.ids.merge(&ids);
+                        entry.records.insert((source, part));
+                        self.days_changed.insert(day);
+                    }
+                    None => {
+                        // Ids cannot be taken out of a union: only the merge deletes day
+                        // records, after the day is emitted.
+                        if let Some(entry) = groups.get_mut(&key) {
+                            entry.records.remove(&(source, part));
+                        }
+                    }
+                }
+            }
+            PartialRecord::DayProgress {
+                source,
+                watermark,
+                idle,
+                closed_through,
+            } => {
+                self.day_progress.insert(
+                    source,
+                    Progress {
+                        watermark,
+                        idle,
+                        closed_through,
+                    },
+                );
+            }
+            PartialRecord::DayFrontier(f) => {
+                self.day_frontier = Some(self.day_frontier.map_or(f, |old| old.max(f)));
+                self.days.retain(|&day, _| day + DAY_MS + day_grace > f);
+                self.days_changed
+                    .retain(|&day| day + DAY_MS + day_grace > f);
             }
         }
         None
     }
+}
 
-    /// The watermark through which every source partition's owner has closed windows, once
-    /// all `sources` have reported.
-    fn closed_everywhere(&self, sources: i32) -> Option<i64> {
-        (0..sources)
-            .map(|p| self.progress.get(&p).map(|r| r.closed_through))
-            .min()
-            .flatten()
-    }
+/// The watermark through which every source partition's owner has closed windows (or days),
+/// once all `sources` have reported.
+fn closed_everywhere(progress: &BTreeMap<i32, Progress>, sources: i32) -> Option<i64> {
+    (0..sources)
+        .map(|p| progress.get(&p).map(|r| r.closed_through))
+        .min()
+        .flatten()
+}
 
-    /// The minimum watermark over source partitions that are not idle (the largest when all
-    /// are), once all `sources` have reported.
-    fn global_watermark(&self, sources: i32) -> Option<i64> {
-        let all: Option<Vec<Progress>> = (0..sources)
-            .map(|p| self.progress.get(&p).copied())
-            .collect();
-        let all = all?;
-        let active = all.iter().filter(|r| !r.idle).map(|r| r.watermark).min();
-        active.or_else(|| all.iter().map(|r| r.watermark).max())
+/// The minimum watermark over source partitions that are not idle (the largest when all
+/// are), once all `sources` have reported.
+fn global_watermark(progress: &BTreeMap<i32, Progress>, sources: i32) -> Option<i64> {
+    let all: Option<Vec<Progress>> = (0..sources).map(|p| progress.get(&p).copied()).collect();
+    let all = all?;
+    let active = all.iter().filter(|r| !r.idle).map(|r| r.watermark).min();
+    active.or_else(|| all.iter().map(|r| r.watermark).max())
+}
+
+/// The union over partitions of every group of one day.
+fn united(groups: &DayGroups) -> DayPartial {
+    let mut partial = DayPartial::default();
+    for ((slot, group), entry) in groups {
+        let exact = entry.ids.accounts.is_exact();
+        partial
+            .group_mut(usize::from(*slot), group, exact)
+            .merge(&entry.ids);
     }
+    partial
 }
 
 /// The sum of every source partition's partial of one window.
@@ -177,25 +304,30 @@ pub struct Merge {
 struct Core {
     options: MergeOptions,
     sink: Sink,
-    results: Output,
     global: GlobalWatermark,
     parts: BTreeMap<i32, MergePartition>,
     on_result: Option<ResultHook>,
     gauges: metrics::LastWindowGauges,
     /// Start of the window the gauges show: an older window's results never replace them.
     gauge_window: i64,
+    day_gauges: metrics::DailyActiveGauges,
+    /// The day the DAU gauges show.
+    gauge_day: i64,
     last_early: Instant,
+    last_running: Instant,
+    /// Frontiers and tombstones of what was emitted, written once the results are delivered
+    /// (a frontier must never be read back without its results).
+    owed: Vec<(i32, PartialRecord)>,
     health: Arc<Health>,
 }
 
 impl Merge {
-    /// The merge over `source` (subscribed to the partials topic), writing results to
-    /// `results` through `sink` and the global watermark to `global`.
+    /// The merge over `source` (subscribed to the partials topic), writing results through
+    /// `sink` and the global watermark to `global`.
     pub fn new(
         options: MergeOptions,
         source: Source,
         sink: Sink,
-        results: Output,
         global: GlobalWatermark,
         on_result: Option<ResultHook>,
         health: Arc<Health>,
@@ -203,13 +335,16 @@ impl Merge {
         let core = Core {
             options,
             sink,
-            results,
             global,
             parts: BTreeMap::new(),
             on_result,
             gauges: metrics::LastWindowGauges::default(),
             gauge_window: i64::MIN,
+            day_gauges: metrics::DailyActiveGauges::default(),
+            gauge_day: i64::MIN,
             last_early: Instant::now(),
+            last_running: Instant::now(),
+            owed: Vec::new(),
             health,
         };
         Self { source, core }
@@ -299,7 +434,9 @@ impl Core {
             );
             return Ok(());
         };
-        if let Some(tombstone) = part.apply(&self.options.spec, record) {
+        let spec = self.options.windows.as_ref().map(|w| &w.spec);
+        let day_grace = self.options.days.as_ref().map_or(0, |d| d.grace);
+        if let Some(tombstone) = part.apply(spec, day_grace, record) {
             let (key, value) = tombstone.encode();
             self.sink
                 .send_raw(&self.options.topic, &key, value.as_deref(), p, None)?;
@@ -307,23 +444,38 @@ impl Core {
         Ok(())
     }
 
-    /// Publishes the global watermark, emits every window closed everywhere, and early
-    /// results when they are due.
+    /// Publishes the global watermark, emits every window and day closed everywhere, and
+    /// early and running results when they are due.
     fn tick(&mut self) -> Result<(), PipelineError> {
         let sources = self.options.sources;
         if let Some(g) = self
             .parts
             .values()
-            .filter_map(|m| m.global_watermark(sources))
+            .flat_map(|m| {
+                let windows = global_watermark(&m.progress, sources);
+                windows
+                    .into_iter()
+                    .chain(global_watermark(&m.day_progress, sources))
+            })
             .max()
         {
             self.global.fetch_max(g, Ordering::AcqRel);
         }
-        let spec = self.options.spec;
+        self.close_windows()?;
+        self.close_days()?;
+        self.early()?;
+        self.running()
+    }
+
+    /// Emits every window closed everywhere.
+    fn close_windows(&mut self) -> Result<(), PipelineError> {
+        let Some(windows) = &self.options.windows else {
+            return Ok(());
+        };
+        let (spec, qoe, sources) = (windows.spec, windows.qoe, self.options.sources);
         let mut emitted: Vec<(i64, Vec<crate::record::QosWindow>)> = Vec::new();
-        let mut owed = Vec::new();
         for (&p, part) in self.parts.iter_mut().filter(|(_, m)| m.rebuilt) {
-            let Some(closed) = part.closed_everywhere(sources) else {
+            let Some(closed) = closed_everywhere(&part.progress, sources) else {
                 continue;
             };
             if part.frontier.is_some_and(|f| f >= closed) {
@@ -335,47 +487,132 @@ impl Core {
                 .copied()
                 .take_while(|s| spec.is_closed(*s, closed))
                 .collect();
+            self.owed.push((p, PartialRecord::Frontier(closed)));
             for start in starts {
                 let groups = part.windows.remove(&start).expect("listed above");
                 part.changed.remove(&start);
-                let results = merged(&groups).results(&spec, start, true, self.options.qoe);
+                let results = merged(&groups).results(&spec, start, true, qoe);
                 for ((slot, group), sources) in groups {
                     for source in sources.into_keys() {
                         let group = group.to_string();
-                        owed.push((p, PartialRecord::tombstone(start, slot, group, source)));
+                        let tombstone = PartialRecord::tombstone(start, slot, group, source);
+                        self.owed.push((p, tombstone));
                     }
                 }
                 emitted.push((start, results));
             }
             part.frontier = Some(closed);
-            owed.push((p, PartialRecord::Frontier(closed)));
         }
         self.emit(&mut emitted, true)?;
-        for (p, record) in owed {
-            let (key, value) = record.encode();
-            self.sink
-                .send_raw(&self.options.topic, &key, value.as_deref(), p, None)?;
+        Ok(())
+    }
+
+    /// Emits every day closed everywhere.
+    fn close_days(&mut self) -> Result<(), PipelineError> {
+        let Some(days) = &self.options.days else {
+            return Ok(());
+        };
+        let (grace, sources) = (days.grace, self.options.sources);
+        let mut emitted: Vec<(i64, Vec<DailyActive>)> = Vec::new();
+        for (&p, part) in self.parts.iter_mut().filter(|(_, m)| m.rebuilt) {
+            let Some(closed) = closed_everywhere(&part.day_progress, sources) else {
+                continue;
+            };
+            if part.day_frontier.is_some_and(|f| f >= closed) {
+                continue;
+            }
+            self.owed.push((p, PartialRecord::DayFrontier(closed)));
+            while let Some(entry) = part.days.first_entry() {
+                let day = *entry.key();
+                if day + DAY_MS + grace > closed {
+                    break;
+                }
+                let groups = entry.remove();
+                part.days_changed.remove(&day);
+                emitted.push((day, united(&groups).results(day, true)));
+                for ((slot, group), entry) in groups {
+                    for (source, part) in entry.records {
+                        let tombstone = PartialRecord::Day {
+                            day,
+                            slot,
+                            group: group.to_string(),
+                            source,
+                            part,
+                            ids: None,
+                        };
+                        self.owed.push((p, tombstone));
+                    }
+                }
+            }
+            part.day_frontier = Some(closed);
         }
-        self.early()
+        let sent = self.emit_days(&mut emitted)?;
+        metrics::results_emitted(sent);
+        Ok(())
+    }
+
+    /// Every DAU `interval`, writes running values of the open days that changed.
+    fn running(&mut self) -> Result<(), PipelineError> {
+        let Some(days) = &self.options.days else {
+            return Ok(());
+        };
+        if self.last_running.elapsed() < days.interval {
+            return Ok(());
+        }
+        self.last_running = Instant::now();
+        let mut open = Vec::new();
+        for part in self.parts.values_mut().filter(|m| m.rebuilt) {
+            for day in std::mem::take(&mut part.days_changed) {
+                if let Some(groups) = part.days.get(&day) {
+                    open.push((day, united(groups).results(day, false)));
+                }
+            }
+        }
+        let sent = self.emit_days(&mut open)?;
+        metrics::early_results_emitted(sent);
+        Ok(())
+    }
+
+    /// Sends days' results and points the DAU gauges at the newest day. Returns the number
+    /// of results sent.
+    fn emit_days(&mut self, days: &mut [(i64, Vec<DailyActive>)]) -> Result<u64, PipelineError> {
+        let Some(config) = &self.options.days else {
+            return Ok(0);
+        };
+        days.sort_by_key(|(day, _)| *day);
+        let mut sent = 0;
+        for (day, results) in days.iter() {
+            for r in results {
+                self.sink
+                    .send_result(&config.output, &r.key(), r, None, &[])?;
+                sent += 1;
+            }
+            if *day >= self.gauge_day {
+                self.gauge_day = *day;
+                self.day_gauges.publish(results);
+            }
+        }
+        Ok(sent)
     }
 
     /// With the `early` policy, writes not-final results of the open windows that changed.
     fn early(&mut self) -> Result<(), PipelineError> {
-        let Some(interval) = self.options.early_interval else {
+        let Some(windows) = &self.options.windows else {
+            return Ok(());
+        };
+        let Some(interval) = windows.early_interval else {
             return Ok(());
         };
         if self.last_early.elapsed() < interval {
             return Ok(());
         }
         self.last_early = Instant::now();
+        let (spec, qoe) = (windows.spec, windows.qoe);
         let mut open = Vec::new();
         for part in self.parts.values_mut() {
             for start in std::mem::take(&mut part.changed) {
                 if let Some(groups) = part.windows.get(&start) {
-                    open.push((
-                        start,
-                        merged(groups).results(&self.options.spec, start, false, self.options.qoe),
-                    ));
+                    open.push((start, merged(groups).results(&spec, start, false, qoe)));
                 }
             }
         }
@@ -391,12 +628,15 @@ impl Core {
         windows: &mut [(i64, Vec<crate::record::QosWindow>)],
         is_final: bool,
     ) -> Result<u64, PipelineError> {
+        let Some(config) = &self.options.windows else {
+            return Ok(0);
+        };
         windows.sort_by_key(|(start, _)| *start);
         let mut sent = 0;
         for (_, results) in windows.iter() {
             for result in results {
                 self.sink
-                    .send_result(&self.results, &result.key(), result, None, &[])?;
+                    .send_result(&config.results, &result.key(), result, None, &[])?;
                 sent += 1;
                 if let Some(hook) = self.on_result.as_mut().filter(|_| is_final) {
                     hook(result);
@@ -409,7 +649,7 @@ impl Core {
             let newest = windows.iter().map(|(s, _)| *s).max().expect("not empty");
             if newest >= self.gauge_window {
                 self.gauge_window = newest;
-                let slots = &self.options.gauge_slots;
+                let slots = &config.gauge_slots;
                 let shown: Vec<_> = windows
                     .iter()
                     .filter(|(s, _)| *s == newest)
@@ -425,11 +665,28 @@ impl Core {
         Ok(sent)
     }
 
+    /// Sends the frontiers and tombstones owed (after the results they follow).
+    fn send_owed(&mut self) -> Result<(), PipelineError> {
+        for (p, record) in std::mem::take(&mut self.owed) {
+            let (key, value) = record.encode();
+            self.sink
+                .send_raw(&self.options.topic, &key, value.as_deref(), p, None)?;
+        }
+        Ok(())
+    }
+
     /// Delivers what was sent (at least once), or commits it as one transaction.
     fn checkpoint(&mut self, source: &Source) -> Result<(), PipelineError> {
         if !self.sink.is_transactional() {
+            // The results first: a frontier delivered without them would lose them.
+            self.sink.flush()?;
+            if self.owed.is_empty() {
+                return Ok(());
+            }
+            self.send_owed()?;
             return self.sink.flush();
         }
+        self.send_owed()?;
         let records = self.sink.take_outbox();
         if records.is_empty() {
             return Ok(());

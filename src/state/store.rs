@@ -567,8 +567,11 @@ impl Store {
             match store {
                 POSITIONS => {
                     batch.delete_cf(self.cf(CF_META), meta_key(task, partition));
-                    if stores.contains(&CF_WINDOWS) {
-                        batch.delete_cf(self.cf(CF_META), meta_key(QOS_FRONTIER, partition));
+                    for (frontier, store) in [(QOS_FRONTIER, CF_WINDOWS), (DAU_FRONTIER, CF_DAILY)]
+                    {
+                        if stores.contains(&store) {
+                            batch.delete_cf(self.cf(CF_META), meta_key(frontier, partition));
+                        }
                     }
                 }
                 CF_RESUME => {
