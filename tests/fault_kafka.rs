@@ -63,7 +63,8 @@ fn a_leader_crash_in_the_middle_of_the_stream_changes_no_result() {
 /// directory ten times, a fourth instance joins, one leaves for good, and a broker is
 /// restarted. The `read_committed` view of the results and late topics equals the
 /// single-instance reference, record for record, with no duplicate; the resume topic's
-/// committed table and the owners' HTTP answers equal the reference table.
+/// committed table and the owners' HTTP answers equal the reference table, and the newest
+/// committed DAU values count every instance's accounts and profiles.
 #[test]
 fn instances_that_crash_join_and_leave_give_the_reference_results_exactly_once() {
     use common::{registry, KillOnDrop};
@@ -81,6 +82,11 @@ fn instances_that_crash_join_and_leave_give_the_reference_results_exactly_once()
         .map(|(_, e)| (marquee::tools::gen::partition_for(&e.session_id, 6), e))
         .collect();
     let expected = expected(&events);
+    let want_days = common::reference::daily(
+        common::qos::RULES.out_of_orderness,
+        5_000,
+        &common::qos::per_partition(&events),
+    );
     let file = dir.path().join("chaos.toml");
     let toml = common::qos::topology_toml(&input, &dir.path().join("unused"))
         .replace("checkpoint_interval = \"200ms\"", "checkpoint_interval = \"1s\"")
@@ -89,7 +95,8 @@ fn instances_that_crash_join_and_leave_give_the_reference_results_exactly_once()
         // records, which the reference does not model.
         .replace("idle_timeout = \"4s\"", "idle_timeout = \"30s\"")
         + "[processing]\nguarantee = \"exactly_once\"\n[sink.kafka]\n\"transaction.timeout.ms\" = \"15000\"\n"
-        + &format!("[resume]\ntopic = \"{input}-positions\"\npartitions = 3\nemit_interval = \"200ms\"\n");
+        + &format!("[resume]\ntopic = \"{input}-positions\"\npartitions = 3\nemit_interval = \"200ms\"\n")
+        + &format!("[dau]\ntopic = \"{input}-dau\"\ninterval = \"1s\"\ngrace = \"5s\"\n");
     assert!(toml.contains("idle_timeout = \"30s\"") && toml.contains("\"1s\""));
     std::fs::write(&file, &toml).unwrap();
     let topology = marquee::config::Topology::load(&file).unwrap();
@@ -104,10 +111,24 @@ fn instances_that_crash_join_and_leave_give_the_reference_results_exactly_once()
             .args(["--state-dir", state.to_str().unwrap()])
             .args(["--instance-id", &format!("chaos-{n}")])
             .args(["--http", &http[n]])
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("MARQUEE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .spawn()
             .expect("marquee binary starts");
         KillOnDrop(child)
+    };
+    // A supervisor's restart policy: an instance that exited on its own comes back.
+    let restart_exited = |instances: &mut Vec<Option<KillOnDrop>>| {
+        for (n, slot) in instances.iter_mut().enumerate() {
+            if let Some(child) = slot.as_mut() {
+                if let Ok(Some(status)) = child.0.try_wait() {
+                    eprintln!("instance {n} exited ({status}); restarting it");
+                    *slot = Some(spawn(n));
+                }
+            }
+        }
     };
     let mut instances: Vec<Option<KillOnDrop>> = (0..3).map(|n| Some(spawn(n))).collect();
     let feeder = Feeder::new(&brokers, &input);
@@ -141,15 +162,7 @@ fn instances_that_crash_join_and_leave_give_the_reference_results_exactly_once()
             }
             _ => {}
         }
-        // A supervisor's restart policy: an instance that exited on its own comes back.
-        for (n, slot) in instances.iter_mut().enumerate() {
-            if let Some(child) = slot.as_mut() {
-                if let Ok(Some(status)) = child.0.try_wait() {
-                    eprintln!("instance {n} exited ({status}); restarting it");
-                    *slot = Some(spawn(n));
-                }
-            }
-        }
+        restart_exited(&mut instances);
         if round < 10 {
             // SIGKILL a random running instance at a random moment, restart it on its state.
             let alive: Vec<usize> = (0..instances.len())
@@ -183,6 +196,7 @@ fn instances_that_crash_join_and_leave_give_the_reference_results_exactly_once()
         Duration::from_secs(3),
         Duration::from_secs(30),
     );
+    restart_exited(&mut instances);
     let table: Vec<_> = events.iter().map(|(_, e)| e.clone()).collect();
     let table = common::resume::expected_positions(&table);
     let live: Vec<String> = (0..instances.len())
@@ -199,12 +213,18 @@ fn instances_that_crash_join_and_leave_give_the_reference_results_exactly_once()
         std::thread::sleep(Duration::from_millis(500));
     };
     let positions = common::resume::topic_table(&brokers, &format!("{input}-positions"), 1);
+    let days = common::qos::daily_records(&brokers, &format!("{input}-dau"), want_days.len());
     drop(instances);
     assert_results_equal(&results_by_key(&results), &expected.results);
     common::qos::assert_exactly_once(&results_again, &late, &expected);
     assert_eq!(
         positions, table,
         "the committed resume topic holds the reference table"
+    );
+    assert_eq!(
+        common::qos::newest_daily(&days),
+        want_days,
+        "DAU over every instance's partitions"
     );
     answered.unwrap();
 }

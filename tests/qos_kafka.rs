@@ -808,3 +808,54 @@ fn a_wiped_state_directory_is_restored_from_the_changelogs() {
         "the second instance restored state from the changelogs:\n{page}"
     );
 }
+
+/// Exactly-once trusts local state only where it equals what the transactions committed. A
+/// state directory that is ahead of the group's committed offset (a checkpoint written to
+/// RocksDB whose transaction never committed, as a crash or a rebalance leaves it) is rebuilt
+/// from the changelogs: otherwise the records in between would be skipped and the windows
+/// they close would lose them.
+#[test]
+fn exactly_once_rebuilds_local_state_that_is_ahead_of_the_committed_offsets() {
+    use marquee::state::{Batch, PartitionMeta, Store};
+
+    let brokers = kafka().addr.clone();
+    let input = unique("ahead");
+    common::create_topic(&brokers, &input, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let toml = topology_toml(&input, &state) + "[processing]\nguarantee = \"exactly_once\"\n";
+    let topology =
+        marquee::config::Topology::parse(&toml, std::path::Path::new("ahead.toml")).unwrap();
+    let events = dataset(89, 6_000);
+    let expected = expected(&events);
+    let feeder = Feeder::new(&brokers, &input);
+    let half = events.len() / 2;
+    send(&feeder, &events[..half], 0);
+    let running = Running::start(&topology, &brokers, None);
+    wait_for_first_record(&brokers, &topology.sink.topic);
+    std::thread::sleep(Duration::from_secs(2));
+    running.stop();
+
+    // A checkpoint that reached RocksDB but whose transaction did not commit: partition 0's
+    // local position is 300 records ahead of the committed one.
+    let store = Store::open(&state, 8, 8).unwrap();
+    let meta = store
+        .partition_meta("input", 0)
+        .unwrap()
+        .expect("partition 0 checkpointed");
+    let mut batch = Batch::default();
+    let ahead = PartitionMeta {
+        next_offset: meta.next_offset + 300,
+        ..meta
+    };
+    store.stage_meta(&mut batch, "input", 0, ahead);
+    store.commit(batch).unwrap();
+    drop(store);
+
+    let running = Running::start(&topology, &brokers, None);
+    send(&feeder, &events[half..], half);
+    let (results, late) = read_outputs(&brokers, &topology, &expected, Duration::from_secs(120));
+    running.stop();
+    assert_results_equal(&results_by_key(&results), &expected.results);
+    assert_eq!(late_event_ids(&late), expected.late);
+}

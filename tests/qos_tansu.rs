@@ -346,3 +346,114 @@ fn gen_writes_decodable_events() {
     }
     assert!(sessions.len() > 5);
 }
+
+/// Many instances at least once, on Tansu: three `marquee run` processes of the QoS, DAU and
+/// resume topology share one group over a six-partition input while the stream is written;
+/// an instance is SIGKILLed and restarted on its state four times, a fourth joins and one
+/// leaves for good. The results equal the single-instance reference (a key written twice holds
+/// the same value), and so do the newest DAU values, the resume topic's table and the owners'
+/// HTTP answers.
+#[test]
+fn instances_that_crash_join_and_leave_give_the_reference_values_at_least_once() {
+    use common::KillOnDrop;
+    use std::process::Command;
+
+    let brokers = broker().addr.clone();
+    let input = unique("many");
+    common::create_topic(&brokers, &input, 6);
+    let dir = tempfile::tempdir().unwrap();
+    let events: Vec<_> = dataset(29, 12_000)
+        .into_iter()
+        .map(|(_, e)| (marquee::tools::gen::partition_for(&e.session_id, 6), e))
+        .collect();
+    let expected = expected(&events);
+    let want_days = common::reference::daily(
+        common::qos::RULES.out_of_orderness,
+        5_000,
+        &common::qos::per_partition(&events),
+    );
+    let table: Vec<_> = events.iter().map(|(_, e)| e.clone()).collect();
+    let table = common::resume::expected_positions(&table);
+    let file = dir.path().join("many.toml");
+    let toml = common::qos::topology_toml(&input, &dir.path().join("unused"))
+        .replace("checkpoint_interval = \"200ms\"", "checkpoint_interval = \"500ms\"")
+        // Longer than any pause of the scenario: see the exactly-once scenario on Kafka.
+        .replace("idle_timeout = \"4s\"", "idle_timeout = \"30s\"")
+        + &format!("[resume]\ntopic = \"{input}-positions\"\npartitions = 3\nemit_interval = \"200ms\"\n")
+        + &format!("[dau]\ntopic = \"{input}-dau\"\ninterval = \"1s\"\ngrace = \"5s\"\n");
+    assert!(toml.contains("idle_timeout = \"30s\""));
+    std::fs::write(&file, &toml).unwrap();
+    let topology = Topology::load(&file).unwrap();
+    let http: Vec<String> = (0..4)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    // Dynamic membership: Tansu 0.6 rebalances in a loop with static members.
+    let spawn = |n: usize| {
+        let state = dir.path().join(format!("instance-{n}"));
+        let child = Command::new(env!("CARGO_BIN_EXE_marquee"))
+            .args(["run", file.to_str().unwrap(), "--brokers", &brokers])
+            .args(["--registry", &registry().url()])
+            .args(["--state-dir", state.to_str().unwrap()])
+            .args(["--http", &http[n]])
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("marquee binary starts");
+        KillOnDrop(child)
+    };
+    let mut instances: Vec<Option<KillOnDrop>> = (0..3).map(|n| Some(spawn(n))).collect();
+    let feeder = Feeder::new(&brokers, &input);
+    let chunks: Vec<_> = events.chunks(events.len() / 8 + 1).collect();
+    let mut sent = 0;
+    for (round, chunk) in chunks.iter().enumerate() {
+        for (i, (p, e)) in chunk.iter().enumerate() {
+            feeder.event(*p, e, sent + i);
+        }
+        feeder.flush();
+        sent += chunk.len();
+        std::thread::sleep(Duration::from_millis(1_500));
+        match round {
+            // SIGKILL, and a restart on the same state directory.
+            0 | 2 | 5 | 7 => {
+                let n = match round {
+                    0 | 5 => 0,
+                    2 => 2,
+                    _ => 3,
+                };
+                instances[n].as_mut().unwrap().kill();
+                std::thread::sleep(Duration::from_millis(500));
+                instances[n] = Some(spawn(n));
+            }
+            // A fourth instance joins; one leaves for good.
+            3 => instances.push(Some(spawn(3))),
+            4 => instances[1].take().unwrap().terminate(),
+            _ => {}
+        }
+    }
+    let (results, late) = read_outputs(&brokers, &topology, &expected, Duration::from_secs(180));
+    assert_results_equal(&results_by_key(&results), &expected.results);
+    assert_eq!(
+        late_event_ids(&late),
+        expected.late,
+        "late records, duplicates allowed"
+    );
+    let dau_topic = format!("{input}-dau");
+    wait_for("the newest DAU values", Duration::from_secs(60), || {
+        let got = common::qos::newest_daily(&common::qos::daily_records(
+            &brokers,
+            &dau_topic,
+            want_days.len(),
+        ));
+        (got == want_days).then_some(())
+    });
+    wait_for("the resume topic's table", Duration::from_secs(60), || {
+        let got = common::resume::topic_table(&brokers, &format!("{input}-positions"), 1);
+        (got == table).then_some(())
+    });
+    let live: Vec<String> = (0..instances.len())
+        .filter(|&n| instances[n].is_some())
+        .map(|n| http[n].clone())
+        .collect();
+    wait_for("every owner's answers", Duration::from_secs(60), || {
+        common::resume::owners_answer(&live, &table).ok()
+    });
+}

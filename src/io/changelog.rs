@@ -135,7 +135,7 @@ impl Changelog {
             store.stage_partition_clear(&mut clear, task, p, &stores);
         }
         store.commit(clear)?;
-        let consumer: BaseConsumer = self
+        let consumer: BaseConsumer<RestoreContext> = self
             .client
             .clone()
             .set("group.id", "marquee-changelog-restore")
@@ -149,7 +149,7 @@ impl Changelog {
                     "read_uncommitted"
                 },
             )
-            .create()
+            .create_with_context(RestoreContext)
             .map_err(PipelineError::kafka(
                 "creating the changelog restore consumer",
             ))?;
@@ -159,13 +159,17 @@ impl Changelog {
         for (s, topic) in &self.topics {
             let mut held = BTreeMap::new();
             for &p in partitions {
-                let (low, high) = consumer
-                    .fetch_watermarks(topic, p, Duration::from_secs(10))
-                    .map_err(PipelineError::kafka(format!(
-                        "reading the end of changelog {topic} partition {p}"
-                    )))?;
-                if high > low {
-                    held.insert(p, high - low);
+                match consumer.fetch_watermarks(topic, p, Duration::from_secs(10)) {
+                    Ok((low, high)) if high > low => {
+                        held.insert(p, high - low);
+                    }
+                    Ok(_) => {}
+                    // Unknown (a broker restarting): read it to its end all the same; only
+                    // the progress figures miss it.
+                    Err(error) => {
+                        tracing::warn!(topic, partition = p, %error, "changelog end unknown; reading it to its end");
+                        held.insert(p, 0);
+                    }
                 }
             }
             ends.push((s, topic, held));
@@ -227,10 +231,15 @@ impl Changelog {
                         last_progress = Instant::now();
                         continue;
                     }
-                    Some(Err(e)) => {
+                    // A broker restarting is retried by librdkafka (the stall limit bounds it).
+                    Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => {
                         return Err(PipelineError::kafka(format!("reading changelog {topic}"))(
                             e,
                         ))
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(topic, error = %e, "changelog read error; librdkafka retries");
+                        continue;
                     }
                     Some(Ok(m)) => m,
                 };
@@ -269,6 +278,18 @@ impl Changelog {
         Ok(read)
     }
 }
+
+/// The restore consumer's context: reaching a partition's end is how a restore finishes, not
+/// an error worth logging.
+struct RestoreContext;
+
+impl rdkafka::ClientContext for RestoreContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        crate::io::source::log_consumer_error(error, reason);
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for RestoreContext {}
 
 /// A restore's progress as a person reads it: records, rate and time left.
 fn progress_line(partitions: &[i32], read: u64, total: i64, took: Duration) -> String {

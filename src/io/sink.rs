@@ -18,7 +18,7 @@ use std::time::Duration;
 use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::Schema;
 use rdkafka::config::ClientConfig;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders, ToBytes};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Message};
@@ -423,13 +423,7 @@ impl Sink {
             for r in records.iter().chain(marker) {
                 send_with_backpressure(&self.producer, r.record())?;
             }
-            let committed = if offsets.count() > 0 {
-                self.producer
-                    .send_offsets_to_transaction(offsets, group, Duration::from_secs(60))
-            } else {
-                Ok(())
-            }
-            .and_then(|()| self.producer.commit_transaction(Duration::from_secs(60)));
+            let committed = self.commit_transaction(offsets, group);
             // A record that timed out fails the commit; it must not fail a later flush too.
             self.producer.context().forget_failures();
             let refused = std::mem::take(
@@ -486,6 +480,41 @@ impl Sink {
     /// the sink is transactional.
     pub fn send_pending(&self, record: &Pending) -> Result<(), PipelineError> {
         self.send(record.record())
+    }
+
+    /// Adds `offsets` to the open transaction and commits it. A retriable failure (a timeout,
+    /// a coordinator moving) is retried, never aborted: the commit may have gone through, and
+    /// an abort would make the caller produce the same outputs again.
+    fn commit_transaction(
+        &self,
+        offsets: &rdkafka::TopicPartitionList,
+        group: &rdkafka::consumer::ConsumerGroupMetadata,
+    ) -> KafkaResult<()> {
+        let timeout = Duration::from_secs(60);
+        let retriable = |e: &KafkaError| {
+            matches!(e, KafkaError::Transaction(t)
+                if t.is_retriable() && !t.txn_requires_abort() && !t.is_fatal())
+        };
+        let mut offsets_sent = offsets.count() == 0;
+        let mut attempt = 0;
+        loop {
+            let result = if offsets_sent {
+                self.producer.commit_transaction(timeout)
+            } else {
+                self.producer
+                    .send_offsets_to_transaction(offsets, group, timeout)
+                    .map(|()| offsets_sent = true)
+                    .and_then(|()| self.producer.commit_transaction(timeout))
+            };
+            match result {
+                Err(e) if retriable(&e) && attempt < 10 => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, "committing a transaction failed for now; retrying");
+                    std::thread::sleep(Duration::from_millis(200 * attempt));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Sends one result record to `output` (to `partition`, or by key).

@@ -130,6 +130,20 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<i32> {
     tpl.elements().iter().map(|e| e.partition()).collect()
 }
 
+/// Logs a consumer error that librdkafka retries; a fatal one (the consumer is dead, such as
+/// when another process joined with the same static member id) becomes an error that stops
+/// the instance, so its supervisor starts it afresh.
+pub fn retriable(error: KafkaError) -> Result<(), PipelineError> {
+    if let KafkaError::MessageConsumptionFatal(code) = error {
+        return Err(PipelineError::Other(format!(
+            "the consumer failed for good ({code}); is another running instance using the same \
+             --instance-id (group.instance.id)?"
+        )));
+    }
+    tracing::warn!(%error, "consumer error; librdkafka retries");
+    Ok(())
+}
+
 /// Consumer defaults, tuned for throughput with bounded memory. Topology `source.kafka` wins.
 pub fn consumer_config(
     brokers: &str,

@@ -373,9 +373,7 @@ impl Merge {
                     }
                 }
                 None => {}
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "merge consumer error; librdkafka retries")
-                }
+                Some(Err(e)) => crate::io::source::retriable(e)?,
             }
             if last_tick.elapsed() >= TICK {
                 this.tick()?;
@@ -492,6 +490,7 @@ impl Core {
                 let groups = part.windows.remove(&start).expect("listed above");
                 part.changed.remove(&start);
                 let results = merged(&groups).results(&spec, start, true, qoe);
+                tracing::debug!(partition = p, start, closed, "window emitted");
                 for ((slot, group), sources) in groups {
                     for source in sources.into_keys() {
                         let group = group.to_string();

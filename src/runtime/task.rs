@@ -192,7 +192,7 @@ impl Task {
                     since_tick += 1;
                 }
                 Some(Err(KafkaError::PartitionEOF(p))) => core.marks.set_caught_up(p, true),
-                Some(Err(e)) => tracing::warn!(error = %e, "consumer error; librdkafka retries"),
+                Some(Err(e)) => crate::io::source::retriable(e)?,
                 None => since_tick = TICK_RECORDS,
             }
             core.apply_seeks(&source)?;
@@ -289,16 +289,22 @@ impl Core {
             .collect();
         let committed = source.committed(&new)?;
         let mut stale = Vec::new();
+        let exactly_once = self.options.transactions.is_some();
         for p in new {
-            let local = self.partition_meta(p)?;
-            // Without a committed offset the partition starts from its beginning, where empty
-            // state is right; with one, local state must have reached it.
-            let behind = match (local, committed.get(&p)) {
+            let local = self.partition_meta(p)?.map(|m| m.next_offset);
+            let stale_here = match (local, committed.get(&p).copied()) {
+                // Exactly-once: local state is a cache of what the transactions committed,
+                // trusted only where it is exactly that. Ahead, it holds a checkpoint whose
+                // transaction never committed (its outputs, partials included, are lost).
+                (local, committed) if exactly_once => local != committed,
+                // At least once the group's offsets lag the state: local state that reached
+                // them is current. Without a committed offset the partition starts from its
+                // beginning, where empty state is right.
                 (_, None) => false,
                 (None, Some(_)) => true,
-                (Some(m), Some(&c)) => c > m.next_offset,
+                (Some(local), Some(c)) => c > local,
             };
-            if behind {
+            if stale_here {
                 stale.push(p);
             }
         }

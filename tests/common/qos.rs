@@ -350,7 +350,7 @@ pub fn daily_records(
 ) -> BTreeMap<String, Vec<marquee::record::DailyActive>> {
     use std::time::Duration;
     let schema = apache_avro::Schema::parse_str(marquee::io::sink::DAILY_ACTIVE_SCHEMA).unwrap();
-    let records = super::read_topic(
+    let records = super::read_committed(
         brokers,
         topic,
         keys,
@@ -422,10 +422,16 @@ pub fn committed_results(
 /// reference, with each result and each late record once.
 pub fn assert_exactly_once(results: &[Consumed], late: &[Consumed], expected: &Expected) {
     assert_results_equal(&results_by_key(results), &expected.results);
-    assert_eq!(
-        results.len(),
-        expected.results.len(),
-        "every result exactly once"
+    let mut seen: BTreeMap<String, Vec<(i32, i64)>> = BTreeMap::new();
+    for r in results {
+        seen.entry(r.key_str())
+            .or_default()
+            .push((r.partition, r.offset));
+    }
+    seen.retain(|_, at| at.len() > 1);
+    assert!(
+        seen.is_empty(),
+        "every result exactly once; these keys were written more than once (partition, offset): {seen:?}"
     );
     assert_eq!(late_event_ids(late), expected.late);
     assert_eq!(
