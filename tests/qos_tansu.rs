@@ -376,10 +376,15 @@ fn instances_that_crash_join_and_leave_give_the_reference_values_at_least_once()
     let table = common::resume::expected_positions(&table);
     let file = dir.path().join("many.toml");
     let toml = common::qos::topology_toml(&input, &dir.path().join("unused"))
-        .replace("checkpoint_interval = \"200ms\"", "checkpoint_interval = \"500ms\"")
+        .replace(
+            "checkpoint_interval = \"200ms\"",
+            "checkpoint_interval = \"500ms\"",
+        )
         // Longer than any pause of the scenario: see the exactly-once scenario on Kafka.
         .replace("idle_timeout = \"4s\"", "idle_timeout = \"30s\"")
-        + &format!("[resume]\ntopic = \"{input}-positions\"\npartitions = 3\nemit_interval = \"200ms\"\n")
+        + &format!(
+            "[resume]\ntopic = \"{input}-positions\"\npartitions = 3\nemit_interval = \"200ms\"\n"
+        )
         + &format!("[dau]\ntopic = \"{input}-dau\"\ninterval = \"1s\"\ngrace = \"5s\"\n");
     assert!(toml.contains("idle_timeout = \"30s\""));
     std::fs::write(&file, &toml).unwrap();
