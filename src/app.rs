@@ -17,7 +17,8 @@ use crate::io::sink::{
 };
 use crate::io::source::{consumer_config, Source};
 use crate::operators::dau::DailyActiveUsers;
-use crate::operators::qos::{GlobalWatermark, PartialsTopic, QosWindows, ResultHook};
+use crate::operators::partials::PartialsTopic;
+use crate::operators::qos::{GlobalWatermark, QosWindows, ResultHook};
 use crate::operators::repartition::Repartition;
 use crate::operators::table::ResumeTable;
 use crate::resume::{TableView, RESUME_POSITION_SCHEMA};

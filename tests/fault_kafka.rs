@@ -76,11 +76,7 @@ fn instances_that_crash_join_and_leave_give_the_reference_results_exactly_once()
     let input = unique("chaos");
     common::create_topic(&brokers, &input, 6);
     let dir = tempfile::tempdir().unwrap();
-    // Sessions spread over all six partitions.
-    let events: Vec<_> = dataset(97, 24_000)
-        .into_iter()
-        .map(|(_, e)| (marquee::tools::gen::partition_for(&e.session_id, 6), e))
-        .collect();
+    let events = common::qos::spread(dataset(97, 24_000), 6);
     let expected = expected(&events);
     let want_days = common::reference::daily(
         common::qos::RULES.out_of_orderness,
@@ -88,16 +84,8 @@ fn instances_that_crash_join_and_leave_give_the_reference_results_exactly_once()
         &common::qos::per_partition(&events),
     );
     let file = dir.path().join("chaos.toml");
-    let toml = common::qos::topology_toml(&input, &dir.path().join("unused"))
-        .replace("checkpoint_interval = \"200ms\"", "checkpoint_interval = \"1s\"")
-        // Longer than any pause of the scenario (a restart, a rebalance, a restore): a
-        // partition idle in such a pause would, by design, let windows close before its next
-        // records, which the reference does not model.
-        .replace("idle_timeout = \"4s\"", "idle_timeout = \"30s\"")
-        + "[processing]\nguarantee = \"exactly_once\"\n[sink.kafka]\n\"transaction.timeout.ms\" = \"15000\"\n"
-        + &format!("[resume]\ntopic = \"{input}-positions\"\npartitions = 3\nemit_interval = \"200ms\"\n")
-        + &format!("[dau]\ntopic = \"{input}-dau\"\ninterval = \"1s\"\ngrace = \"5s\"\n");
-    assert!(toml.contains("idle_timeout = \"30s\"") && toml.contains("\"1s\""));
+    let toml = common::qos::many_instances_toml(&input, "1s")
+        + "[processing]\nguarantee = \"exactly_once\"\n[sink.kafka]\n\"transaction.timeout.ms\" = \"15000\"\n";
     std::fs::write(&file, &toml).unwrap();
     let topology = marquee::config::Topology::load(&file).unwrap();
     let http: Vec<String> = (0..4)
@@ -204,14 +192,9 @@ fn instances_that_crash_join_and_leave_give_the_reference_results_exactly_once()
         .map(|n| http[n].clone())
         .collect();
     // Partitions settle on the instances left; until then some answer 503 or 421.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let answered = loop {
-        let answer = common::resume::owners_answer(&live, &table);
-        if answer.is_ok() || std::time::Instant::now() > deadline {
-            break answer;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    common::wait_until_ok("every owner's answers", Duration::from_secs(60), || {
+        common::resume::owners_answer(&live, &table)
+    });
     let positions = common::resume::topic_table(&brokers, &format!("{input}-positions"), 1);
     let days = common::qos::daily_records(&brokers, &format!("{input}-dau"), want_days.len());
     drop(instances);
@@ -226,5 +209,4 @@ fn instances_that_crash_join_and_leave_give_the_reference_results_exactly_once()
         want_days,
         "DAU over every instance's partitions"
     );
-    answered.unwrap();
 }

@@ -17,8 +17,10 @@ use std::sync::Arc;
 use crate::config::{Counting, DauConfig};
 use crate::daily::{day_of, DayPartial, DAY_MS};
 use crate::error::PipelineError;
-use crate::operators::partials::{day_part, partition_of, PartialRecord};
-use crate::operators::qos::{GlobalWatermark, PartialsTopic};
+use crate::operators::partials::{
+    day_part, partition_of, send_progress, PartialRecord, PartialsTopic, SentProgress,
+};
+use crate::operators::qos::GlobalWatermark;
 use crate::runtime::{Context, Handled, Operator, Record};
 use crate::state::Batch;
 use crate::state::{PartitionMeta, Store, DAU_FRONTIER};
@@ -38,8 +40,7 @@ pub struct DailyActiveUsers {
     legacy_closed: i64,
     /// Closed days whose state is deleted at the next checkpoint.
     emitted: Vec<(i32, i64)>,
-    /// Progress last written per owned partition: (watermark, idle, closed through).
-    progress: BTreeMap<i32, (i64, bool, i64)>,
+    progress: SentProgress,
 }
 
 impl DailyActiveUsers {
@@ -61,7 +62,7 @@ impl DailyActiveUsers {
             parts: BTreeMap::new(),
             closed: BTreeMap::new(),
             emitted: Vec::new(),
-            progress: BTreeMap::new(),
+            progress: SentProgress::new(),
         })
     }
 
@@ -93,33 +94,6 @@ impl DailyActiveUsers {
                     ctx.sink
                         .send_raw(&partials.topic, &key, value.as_deref(), to, None)?;
                 }
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes the progress of each owned partition that changed to every partition of the
-    /// partials topic, after the days it covers.
-    fn send_progress(&mut self, ctx: &Context<'_>) -> Result<(), PipelineError> {
-        for mark in ctx.partitions {
-            let Some(&closed) = self.closed.get(&mark.partition) else {
-                continue;
-            };
-            let now = (mark.watermark, mark.idle, closed);
-            if self.progress.get(&mark.partition) == Some(&now) {
-                continue;
-            }
-            self.progress.insert(mark.partition, now);
-            let (key, value) = PartialRecord::DayProgress {
-                source: mark.partition,
-                watermark: now.0,
-                idle: now.1,
-                closed_through: now.2,
-            }
-            .encode();
-            for to in 0..self.partials.partitions {
-                ctx.sink
-                    .send_raw(&self.partials.topic, &key, value.as_deref(), to, None)?;
             }
         }
         Ok(())
@@ -200,7 +174,18 @@ impl Operator for DailyActiveUsers {
             let frontier = self.closed.entry(p).or_insert(i64::MIN);
             *frontier = (*frontier).max(watermark);
         }
-        self.send_progress(ctx)
+        send_progress(
+            ctx,
+            &self.partials,
+            &self.closed,
+            &mut self.progress,
+            |source, watermark, idle, closed_through| PartialRecord::DayProgress {
+                source,
+                watermark,
+                idle,
+                closed_through,
+            },
+        )
     }
 
     /// The open days' new ids go to the merge with every checkpoint (its running values).

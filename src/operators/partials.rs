@@ -14,10 +14,51 @@
 //! emitted it, and its frontier record says which windows are done. A replayed partial is
 //! identical to the one it replaces, so replays after a crash change nothing.
 
+use std::collections::BTreeMap;
+
 use crate::daily::Active;
+use crate::error::PipelineError;
+use crate::runtime::Context;
 use crate::state::keys::{time_bytes, time_from};
 use crate::state::{decode_group, decode_qoe, encode_group, encode_qoe};
 use crate::window::GroupAgg;
+
+/// Where phase one writes: the internal partials topic and its partition count.
+#[derive(Debug, Clone)]
+pub struct PartialsTopic {
+    pub topic: String,
+    pub partitions: i32,
+}
+
+/// The progress last written per owned input partition: (watermark, idle, closed through).
+pub type SentProgress = BTreeMap<i32, (i64, bool, i64)>;
+
+/// Writes the progress (as `record` makes it) of each owned partition in `closed` that changed
+/// since `sent`, to every partition of the partials topic, after the partials it covers.
+pub fn send_progress(
+    ctx: &Context<'_>,
+    partials: &PartialsTopic,
+    closed: &BTreeMap<i32, i64>,
+    sent: &mut SentProgress,
+    record: fn(i32, i64, bool, i64) -> PartialRecord,
+) -> Result<(), PipelineError> {
+    for mark in ctx.partitions {
+        let Some(&closed) = closed.get(&mark.partition) else {
+            continue;
+        };
+        let now = (mark.watermark, mark.idle, closed);
+        if sent.get(&mark.partition) == Some(&now) {
+            continue;
+        }
+        sent.insert(mark.partition, now);
+        let (key, value) = record(mark.partition, now.0, now.1, now.2).encode();
+        for to in 0..partials.partitions {
+            ctx.sink
+                .send_raw(&partials.topic, &key, value.as_deref(), to, None)?;
+        }
+    }
+    Ok(())
+}
 
 /// One record of the internal topic.
 #[derive(Debug, Clone, PartialEq)]

@@ -24,7 +24,9 @@ use rustc_hash::FxHashMap;
 use crate::config::{Dimension, EmitPolicy, QosConfig};
 use crate::error::PipelineError;
 use crate::metrics;
-use crate::operators::partials::{partition_of, PartialRecord};
+use crate::operators::partials::{
+    partition_of, send_progress, PartialRecord, PartialsTopic, SentProgress,
+};
 use crate::record::{PlaybackEvent, QosWindow};
 use crate::runtime::{Context, Handled, Operator, Record};
 use crate::session::{Dims, Fact, Session};
@@ -34,13 +36,6 @@ use crate::window::{PartitionWindows, WindowPartial, WindowSpec};
 
 /// Called with every final result as it is emitted (the demo prints them).
 pub type ResultHook = Box<dyn FnMut(&QosWindow) + Send>;
-
-/// Where phase one writes: the internal partials topic and its partition count.
-#[derive(Debug, Clone)]
-pub struct PartialsTopic {
-    pub topic: String,
-    pub partitions: i32,
-}
 
 /// The global watermark the merge computes from every input partition's progress, shared
 /// with phase one; `i64::MIN` while unknown.
@@ -64,7 +59,7 @@ pub struct QosWindows {
     /// Emitted windows whose state is deleted at the next checkpoint.
     emitted: Vec<(i32, i64)>,
     /// The progress last written for each owned partition.
-    progress: BTreeMap<i32, (i64, bool, i64)>,
+    progress: SentProgress,
     /// The `early` policy's interval; `None` for `final`.
     early_interval: Option<Duration>,
     /// When early results were last written.
@@ -179,35 +174,6 @@ impl QosWindows {
             }
         }
         Ok(sent)
-    }
-
-    /// Writes the progress of each owned partition that changed to every partition of the
-    /// partials topic, after the partials it covers.
-    fn send_progress(&mut self, ctx: &Context<'_>) -> Result<(), PipelineError> {
-        for mark in ctx.partitions {
-            let Some(&closed) = self.closed.get(&mark.partition) else {
-                continue;
-            };
-            let now = (mark.watermark, mark.idle, closed);
-            if !self.parts.contains_key(&mark.partition)
-                || self.progress.get(&mark.partition) == Some(&now)
-            {
-                continue;
-            }
-            self.progress.insert(mark.partition, now);
-            let (key, value) = PartialRecord::Progress {
-                source: mark.partition,
-                watermark: now.0,
-                idle: now.1,
-                closed_through: now.2,
-            }
-            .encode();
-            for to in 0..self.partials.partitions {
-                ctx.sink
-                    .send_raw(&self.partials.topic, &key, value.as_deref(), to, None)?;
-            }
-        }
-        Ok(())
     }
 
     /// Decides the session facts that the windows closing at `watermark` need, adds them to
@@ -360,7 +326,18 @@ impl Operator for QosWindows {
             self.send_partials(ctx, *p, std::iter::once((*start, partial)))?;
             self.emitted.push((*p, *start));
         }
-        self.send_progress(ctx)
+        send_progress(
+            ctx,
+            &self.partials,
+            &self.closed,
+            &mut self.progress,
+            |source, watermark, idle, closed_through| PartialRecord::Progress {
+                source,
+                watermark,
+                idle,
+                closed_through,
+            },
+        )
     }
 
     /// With the `early` policy, writes not-final results of the open windows that changed.

@@ -624,13 +624,7 @@ impl Core {
         self.store.commit(batch)?;
         // The changelog gets the committed values; a crash before they are delivered sends
         // them again on restart (see `settle_outbox`).
-        let changelog = self.changelog_records(&changes)?;
-        if !changelog.is_empty() {
-            for record in &changelog {
-                self.sink.send_pending(record)?;
-            }
-            self.sink.flush()?;
-        }
+        self.send_changelog(&changes)?;
         metrics::checkpoint(flushed - started, flushed.elapsed());
         metrics::state_size(self.store.size_bytes());
         let mut committable = Some(offsets);
@@ -654,6 +648,27 @@ impl Core {
             Some(changelog) if !changes.is_empty() => changelog.records(&self.store, changes),
             _ => Ok(Vec::new()),
         }
+    }
+
+    /// At least once: delivers the changelog records of `changes`, the positions last. A
+    /// crash in between then leaves a changelog whose positions are behind its stores, never
+    /// ahead: a restore replays records onto newer values (which idempotent stores, the
+    /// resume table and DAU, absorb) instead of skipping records no store holds.
+    fn send_changelog(&self, changes: &[crate::state::Change]) -> Result<(), PipelineError> {
+        let (positions, stores): (Vec<_>, Vec<_>) = changes
+            .iter()
+            .cloned()
+            .partition(|c| c.store == crate::state::POSITIONS);
+        for part in [stores, positions] {
+            let records = self.changelog_records(&part)?;
+            if !records.is_empty() {
+                for record in &records {
+                    self.sink.send_pending(record)?;
+                }
+                self.sink.flush()?;
+            }
+        }
+        Ok(())
     }
 
     /// Sends checkpoint `number`'s `records`, its marker and `offsets` in one transaction.
@@ -715,12 +730,7 @@ impl Core {
         };
         changes.retain(|c| assigned.contains(&c.partition));
         let Some(tx) = self.options.transactions.clone() else {
-            if !changes.is_empty() {
-                for record in &self.changelog_records(&changes)? {
-                    self.sink.send_pending(record)?;
-                }
-                self.sink.flush()?;
-            }
+            self.send_changelog(&changes)?;
             return Ok(false);
         };
         let (number, stored) = self.store.load_outbox(name)?;

@@ -472,3 +472,17 @@ impl Running {
             .expect("the instance stops cleanly");
     }
 }
+
+/// Waits until `check` passes, for at most `timeout`; fails with its last complaint.
+pub fn wait_until_ok(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(()) => return,
+            Err(why) if Instant::now() >= deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}: {why}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+}

@@ -440,3 +440,31 @@ pub fn assert_exactly_once(results: &[Consumed], late: &[Consumed], expected: &E
         "every late record exactly once"
     );
 }
+
+/// The QoS, DAU and resume topology of the many-instance scenarios over `input`, with a
+/// checkpoint every `checkpoint_interval`.
+pub fn many_instances_toml(input: &str, checkpoint_interval: &str) -> String {
+    let toml = topology_toml(input, Path::new("unused"))
+        .replace(
+            "checkpoint_interval = \"200ms\"",
+            &format!("checkpoint_interval = \"{checkpoint_interval}\""),
+        )
+        // Longer than any pause of the scenarios (a restart, a rebalance, a restore): a
+        // partition idle in such a pause would, by design, let windows close before its next
+        // records, which the reference does not model.
+        .replace("idle_timeout = \"4s\"", "idle_timeout = \"30s\"")
+        + &format!(
+            "[resume]\ntopic = \"{input}-positions\"\npartitions = 3\nemit_interval = \"200ms\"\n"
+        )
+        + &format!("[dau]\ntopic = \"{input}-dau\"\ninterval = \"1s\"\ngrace = \"5s\"\n");
+    assert!(toml.contains("idle_timeout = \"30s\""));
+    toml
+}
+
+/// `events` with their sessions spread over `partitions` partitions.
+pub fn spread(events: Vec<(i32, PlaybackEvent)>, partitions: i32) -> Vec<(i32, PlaybackEvent)> {
+    events
+        .into_iter()
+        .map(|(_, e)| (partition_for(&e.session_id, partitions), e))
+        .collect()
+}

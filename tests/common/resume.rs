@@ -98,3 +98,16 @@ pub fn owners_answer(
     }
     Ok(())
 }
+
+/// The keys whose value in `got` differs from `want` (missing or extra included), for a
+/// failure message.
+pub fn table_diff(
+    got: &BTreeMap<String, ResumePosition>,
+    want: &BTreeMap<String, ResumePosition>,
+) -> Vec<(String, Option<ResumePosition>, Option<ResumePosition>)> {
+    let keys: std::collections::BTreeSet<&String> = got.keys().chain(want.keys()).collect();
+    keys.into_iter()
+        .filter(|k| got.get(*k) != want.get(*k))
+        .map(|k| (k.clone(), want.get(k).cloned(), got.get(k).cloned()))
+        .collect()
+}
