@@ -19,7 +19,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::error::PipelineError;
 use crate::io::sink::{ensure_topics, Pending, TopicSpec, COMPACTED};
 use crate::metrics;
-use crate::state::{Batch, Change, Store, CF_RESUME};
+use crate::state::{Batch, Change, Store, CF_RESUME, POSITIONS};
 
 /// How often a running restore reports its progress.
 const REPORT_EVERY: Duration = Duration::from_secs(2);
@@ -184,6 +184,10 @@ impl Changelog {
         let (mut read, mut batch) = (0u64, Batch::default());
         let mut last_report = Instant::now();
         // One topic at a time: a partition's end is reported by partition number only.
+        // The positions first: an earlier owner still writing (a broker that let members
+        // overlap) can then only leave the stores ahead of them, which a replay onto
+        // idempotent values absorbs, never behind them, which would skip records for good.
+        ends.sort_by_key(|(s, _, _)| *s != POSITIONS);
         for (s, topic, mut left) in ends {
             let mut tpl = TopicPartitionList::new();
             for &p in left.keys() {

@@ -136,8 +136,9 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<i32> {
 pub fn retriable(error: KafkaError) -> Result<(), PipelineError> {
     if let KafkaError::MessageConsumptionFatal(code) = error {
         return Err(PipelineError::Other(format!(
-            "the consumer failed for good ({code}); is another running instance using the same \
-             --instance-id (group.instance.id)?"
+            "the consumer failed for good ({code}): another running instance has the same \
+             --instance-id (group.instance.id), or this one was fenced after its session timed \
+             out; stopping so that the supervisor starts the instance afresh"
         )));
     }
     tracing::warn!(%error, "consumer error; librdkafka retries");
