@@ -192,7 +192,8 @@ fn instances_that_crash_join_and_leave_give_the_reference_results_exactly_once()
         .map(|n| http[n].clone())
         .collect();
     // Partitions settle on the instances left; until then some answer 503 or 421.
-    common::wait_until_ok("every owner's answers", Duration::from_secs(60), || {
+    common::wait_until_ok("every owner's answers", Duration::from_secs(90), || {
+        restart_exited(&mut instances);
         common::resume::owners_answer(&live, &table)
     });
     let positions = common::resume::topic_table(&brokers, &format!("{input}-positions"), 1);
