@@ -17,7 +17,9 @@
 //! With exactly-once ([`Transactions`]) the producer holds the outputs instead: step 2 also
 //! stores them (an outbox), then one Kafka transaction sends them with a checkpoint marker
 //! and the input offsets, and the outbox is cleared. A crash between the two is settled when
-//! the group is first joined again: the outbox is sent unless its marker committed.
+//! the group is first joined again: an outbox whose marker committed is done; otherwise it is
+//! dropped and the partitions whose local state is ahead of the committed offsets are
+//! restored from the changelogs (see `Core::stale`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -701,8 +703,7 @@ impl Core {
 
     /// After a transaction aborted by a rebalance: the owned partitions are dropped from
     /// memory and taken up again, as after a restart, once the group has settled (the
-    /// outbox is then sent with the new generation, or dropped and its partitions restored
-    /// if they moved).
+    /// uncommitted outbox is dropped and the partitions it moved ahead are restored).
     fn start_over(&mut self) {
         for p in std::mem::take(&mut self.parts).into_keys() {
             self.marks.disown(p);
