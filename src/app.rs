@@ -381,6 +381,7 @@ fn task_options(topology: &Topology) -> TaskOptions {
         transactions: None,
         changelog: None,
         checkpoint_interval: topology.state.checkpoint_interval,
+        standby_replicas: topology.state.standby_replicas,
     }
 }
 
@@ -639,6 +640,13 @@ fn connect(
         .or_else(|| endpoints.instance_id.clone());
     if let Some(id) = member {
         consumer.set("group.instance.id", format!("{id}-{name}"));
+    }
+    // Members find themselves in the group's description by it (standby placement).
+    if consumer.get("client.id").is_none() {
+        consumer.set(
+            "client.id",
+            format!("{}-{name}", instance_id(topology, endpoints)),
+        );
     }
     if transactional {
         // Upstream transactions that aborted are never read.

@@ -304,6 +304,11 @@ pub struct StateConfig {
     /// One write-buffer budget shared by every store, in MiB.
     #[serde(default = "default_write_buffer_mib")]
     pub write_buffer_mib: usize,
+    /// Warm copies of each partition's state kept on other instances, so a partition that
+    /// moves restores only what its copy has not applied yet (Kafka Streams'
+    /// `num.standby.replicas`).
+    #[serde(default)]
+    pub standby_replicas: usize,
 }
 
 impl QosConfig {

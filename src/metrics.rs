@@ -364,6 +364,16 @@ pub fn restored(task: &'static str, records: u64, took: Duration) {
     gauge!("marquee_restore_duration_seconds", "task" => task).set(took.as_secs_f64());
 }
 
+/// The partitions whose standby copies `task` keeps now.
+pub fn standby_partitions(task: &'static str, partitions: usize) {
+    gauge!("marquee_standby_partitions", "task" => task).set(partitions as f64);
+}
+
+/// Changelog records applied to standby copies.
+pub fn standby_applied(task: &'static str, records: u64) {
+    counter!("marquee_standby_records_total", "task" => task).increment(records);
+}
+
 /// One table query answered.
 pub fn query(route: &'static str, took: Duration) {
     histogram!("marquee_query_duration_seconds", "route" => route).record(took.as_secs_f64());

@@ -58,9 +58,9 @@ fn a_leader_crash_in_the_middle_of_the_stream_changes_no_result() {
 }
 
 /// Many instances, exact results, exactly once. Three `marquee run` processes of the QoS and
-/// resume topology share one group over a six-partition input on the three-node cluster
-/// while the stream is written: one random instance is SIGKILLed and restarted on its state
-/// directory ten times, a fourth instance joins, one leaves for good, and a broker is
+/// resume topology, with a standby copy of each partition, share one group over a
+/// six-partition input on the three-node cluster while the stream is written: one random
+/// instance is SIGKILLed and restarted on its state directory ten times, a fourth instance joins, one leaves for good, and a broker is
 /// restarted. The `read_committed` view of the results and late topics equals the
 /// single-instance reference, record for record, with no duplicate; the resume topic's
 /// committed table and the owners' HTTP answers equal the reference table, and the newest
@@ -84,8 +84,12 @@ fn instances_that_crash_join_and_leave_give_the_reference_results_exactly_once()
         &common::qos::per_partition(&events),
     );
     let file = dir.path().join("chaos.toml");
-    let toml = common::qos::many_instances_toml(&input, "1s")
-        + "[processing]\nguarantee = \"exactly_once\"\n[sink.kafka]\n\"transaction.timeout.ms\" = \"15000\"\n";
+    // Standby copies too: partitions that move land on a copy or are restored whole.
+    let toml = common::qos::many_instances_toml(&input, "1s").replace(
+        "checkpoint_interval = \"1s\"",
+        "checkpoint_interval = \"1s\"\nstandby_replicas = 1",
+    ) + "[processing]\nguarantee = \"exactly_once\"\n[sink.kafka]\n\"transaction.timeout.ms\" = \"15000\"\n";
+    assert!(toml.contains("standby_replicas"));
     std::fs::write(&file, &toml).unwrap();
     let topology = marquee::config::Topology::load(&file).unwrap();
     let http: Vec<String> = (0..4)
@@ -103,6 +107,7 @@ fn instances_that_crash_join_and_leave_give_the_reference_results_exactly_once()
                 "RUST_LOG",
                 std::env::var("MARQUEE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            .stderr(common::instance_log(&format!("chaos-{n}")))
             .spawn()
             .expect("marquee binary starts");
         KillOnDrop(child)

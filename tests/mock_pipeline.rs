@@ -93,3 +93,41 @@ fn a_transaction_whose_records_timed_out_does_not_fail_the_next_checkpoint() {
     sink.publish(&[record], None, &none, &group)
         .expect("the next transaction commits");
 }
+
+/// A transaction that a rebalance aborts (here the group's generation is refused when the
+/// offsets are sent) is taken up again from the committed positions: the consumer had read
+/// on past them, and the records of the aborted checkpoint must be processed again, not
+/// skipped. The first checkpoints abort, so the partitions have no position yet and start
+/// over from the beginning.
+#[test]
+fn the_records_of_an_aborted_transaction_are_processed_again() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    let kafka = MockCluster::new(1).unwrap();
+    let brokers = kafka.bootstrap_servers();
+    let input = unique("mock-abort");
+    kafka.create_topic(&input, 3, 1).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let toml = common::qos::topology_toml(&input, state.path())
+        + "[processing]\nguarantee = \"exactly_once\"\n";
+    let topology =
+        marquee::config::Topology::parse(&toml, std::path::Path::new("abort.toml")).unwrap();
+    let events = dataset(5, 3_000);
+    let expected = expected(&events);
+    let feeder = Feeder::new(&brokers, &input);
+    for (i, (p, e)) in events.iter().enumerate() {
+        feeder.event(*p, e, i);
+    }
+    feeder.flush();
+    let refused = RDKafkaRespErr::RD_KAFKA_RESP_ERR_ILLEGAL_GENERATION;
+    kafka.request_errors(RDKafkaApiKey::TxnOffsetCommit, &[refused; 2]);
+
+    let running = Running::start(&topology, &brokers, None);
+    common::qos::assert_committed_exactly_once(
+        &brokers,
+        &topology,
+        &expected,
+        Duration::from_secs(90),
+    );
+    running.stop();
+}

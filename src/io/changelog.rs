@@ -114,29 +114,15 @@ impl Changelog {
             .collect())
     }
 
-    /// Rebuilds `partitions` of every changelogged store from the topics: the local entries
-    /// of those partitions are dropped, then each topic partition is read to its end. Progress
-    /// goes to the log, to metrics and to `progress` (shown by `/readyz`). Returns the records
-    /// read.
-    pub fn restore(
-        &self,
-        store: &Store,
-        task: &'static str,
-        partitions: &[i32],
-        mut progress: impl FnMut(&str),
-    ) -> Result<u64, PipelineError> {
-        if partitions.is_empty() {
-            return Ok(0);
-        }
-        let started = Instant::now();
-        let stores: Vec<&str> = self.topics.iter().map(|(s, _)| *s).collect();
-        let mut clear = Batch::default();
-        for &p in partitions {
-            store.stage_partition_clear(&mut clear, task, p, &stores);
-        }
-        store.commit(clear)?;
-        let consumer: BaseConsumer<RestoreContext> = self
-            .client
+    /// Each changelogged store and its topic.
+    pub fn topics(&self) -> &[(&'static str, String)] {
+        &self.topics
+    }
+
+    /// A consumer that reads changelog partitions it is assigned (committed records only
+    /// with exactly-once), reporting each partition's end.
+    pub fn reader(&self) -> Result<BaseConsumer<RestoreContext>, PipelineError> {
+        self.client
             .clone()
             .set("group.id", "marquee-changelog-restore")
             .set("enable.auto.commit", "false")
@@ -150,9 +136,45 @@ impl Changelog {
                 },
             )
             .create_with_context(RestoreContext)
-            .map_err(PipelineError::kafka(
-                "creating the changelog restore consumer",
-            ))?;
+            .map_err(PipelineError::kafka("creating a changelog consumer"))
+    }
+
+    /// Rebuilds `partitions` of every changelogged store from the topics, each read to its
+    /// end: a partition with a standby copy (see `crate::runtime::standby`) from where the
+    /// copy has read to, any other from the start after its local entries are dropped.
+    /// Progress goes to the log, to metrics and to `progress` (shown by `/readyz`). Returns
+    /// the records read.
+    pub fn restore(
+        &self,
+        store: &Store,
+        task: &'static str,
+        partitions: &[i32],
+        mut progress: impl FnMut(&str),
+    ) -> Result<u64, PipelineError> {
+        if partitions.is_empty() {
+            return Ok(0);
+        }
+        let started = Instant::now();
+        let stores: Vec<&str> = self.topics.iter().map(|(s, _)| *s).collect();
+        let mut clear = Batch::default();
+        let mut warm = BTreeMap::new();
+        for &p in partitions {
+            match store.standby_offsets(task, p)? {
+                Some(offsets) => {
+                    warm.insert(p, offsets);
+                }
+                None => store.stage_partition_clear(&mut clear, task, p, &stores),
+            }
+        }
+        store.commit(clear)?;
+        let start = |s: &str, p: i32| match warm.get(&p) {
+            Some(offsets) => offsets
+                .iter()
+                .find(|(store, _)| *store == s)
+                .map_or(Offset::Beginning, |(_, o)| Offset::Offset(*o)),
+            None => Offset::Beginning,
+        };
+        let consumer = self.reader()?;
         // What each topic partition holds now, for progress only: the restore itself reads
         // until the consumer reports the partition's end.
         let mut ends: Vec<(&'static str, &str, BTreeMap<i32, i64>)> = Vec::new();
@@ -160,10 +182,15 @@ impl Changelog {
             let mut held = BTreeMap::new();
             for &p in partitions {
                 match consumer.fetch_watermarks(topic, p, Duration::from_secs(10)) {
-                    Ok((low, high)) if high > low => {
-                        held.insert(p, high - low);
+                    Ok((low, high)) => {
+                        let from = match start(s, p) {
+                            Offset::Offset(o) => o.max(low),
+                            _ => low,
+                        };
+                        if high > from {
+                            held.insert(p, high - from);
+                        }
                     }
-                    Ok(_) => {}
                     // Unknown (a broker restarting): read it to its end all the same; only
                     // the progress figures miss it.
                     Err(error) => {
@@ -178,6 +205,7 @@ impl Changelog {
         tracing::info!(
             task,
             ?partitions,
+            standby_copies = ?warm.keys().collect::<Vec<_>>(),
             records = total,
             "restoring state from the changelog topics"
         );
@@ -191,7 +219,7 @@ impl Changelog {
         for (s, topic, mut left) in ends {
             let mut tpl = TopicPartitionList::new();
             for &p in left.keys() {
-                tpl.add_partition_offset(topic, p, Offset::Beginning)
+                tpl.add_partition_offset(topic, p, start(s, p))
                     .map_err(PipelineError::kafka("assigning a changelog partition"))?;
             }
             consumer
@@ -264,6 +292,9 @@ impl Changelog {
                 }
             }
         }
+        for &p in warm.keys() {
+            store.stage_standby_end(&mut batch, task, p);
+        }
         store.commit(batch)?;
         if stores.contains(&CF_RESUME) {
             for &p in partitions {
@@ -285,7 +316,7 @@ impl Changelog {
 
 /// The restore consumer's context: reaching a partition's end is how a restore finishes, not
 /// an error worth logging.
-struct RestoreContext;
+pub struct RestoreContext;
 
 impl rdkafka::ClientContext for RestoreContext {
     fn error(&self, error: KafkaError, reason: &str) {

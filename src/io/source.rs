@@ -145,6 +145,34 @@ pub fn retriable(error: KafkaError) -> Result<(), PipelineError> {
     Ok(())
 }
 
+/// The partitions of `topic` in a consumer-protocol member assignment (a version, then each
+/// topic with its partitions; later fields are ignored); `None` when it is malformed.
+pub fn assigned_partitions(assignment: &[u8], topic: &str) -> Option<Vec<i32>> {
+    fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, tail) = (bytes.get(..n)?, bytes.get(n..)?);
+        *bytes = tail;
+        Some(head)
+    }
+    fn int32(bytes: &mut &[u8]) -> Option<i32> {
+        Some(i32::from_be_bytes(take(bytes, 4)?.try_into().ok()?))
+    }
+    let mut rest = assignment;
+    take(&mut rest, 2)?; // version
+    let mut partitions = Vec::new();
+    for _ in 0..int32(&mut rest)?.max(0) {
+        let len = i16::from_be_bytes(take(&mut rest, 2)?.try_into().ok()?);
+        let name = take(&mut rest, usize::try_from(len).ok()?)?;
+        let count = int32(&mut rest)?.max(0);
+        for _ in 0..count {
+            let p = int32(&mut rest)?;
+            if name == topic.as_bytes() {
+                partitions.push(p);
+            }
+        }
+    }
+    Some(partitions)
+}
+
 /// Consumer defaults, tuned for throughput with bounded memory. Topology `source.kafka` wins.
 pub fn consumer_config(
     brokers: &str,
@@ -178,6 +206,17 @@ pub fn consumer_config(
 pub struct Source {
     consumer: BaseConsumer<SourceContext>,
     topic: String,
+    /// The group and this member's `client.id`, by which it finds itself among the members.
+    group: String,
+    client_id: String,
+}
+
+/// A member of the consumer group, as its coordinator describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub client_id: String,
+    /// The input partitions assigned to it.
+    pub partitions: Vec<i32>,
 }
 
 impl Source {
@@ -192,7 +231,44 @@ impl Source {
         Ok(Self {
             consumer,
             topic: topic.to_string(),
+            group: config.get("group.id").unwrap_or_default().to_string(),
+            client_id: config.get("client.id").unwrap_or("rdkafka").to_string(),
         })
+    }
+
+    /// This member's `client.id`.
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    /// The group's members and their input partitions, or `None` while the group is
+    /// rebalancing (its assignments are then in flux).
+    pub fn members(&self) -> Result<Option<Vec<Member>>, PipelineError> {
+        let groups = self
+            .consumer
+            .fetch_group_list(Some(&self.group), Duration::from_secs(2))
+            .map_err(PipelineError::kafka(format!(
+                "describing consumer group {}",
+                self.group
+            )))?;
+        let Some(group) = groups.groups().iter().find(|g| g.name() == self.group) else {
+            return Ok(None);
+        };
+        if group.state() != "Stable" {
+            return Ok(None);
+        }
+        let members = group
+            .members()
+            .iter()
+            .map(|m| Member {
+                client_id: m.client_id().to_string(),
+                partitions: m
+                    .assignment()
+                    .and_then(|a| assigned_partitions(a, &self.topic))
+                    .unwrap_or_default(),
+            })
+            .collect();
+        Ok(Some(members))
     }
 
     /// The input topic.
@@ -268,16 +344,11 @@ impl Source {
     }
 
     /// Moves the fetch position of `partition` to `offset`; records fetched before are dropped.
-    pub fn seek(&self, partition: i32, offset: i64) -> Result<(), PipelineError> {
+    pub fn seek(&self, partition: i32, offset: Offset) -> Result<(), PipelineError> {
         self.consumer
-            .seek(
-                &self.topic,
-                partition,
-                Offset::Offset(offset),
-                Duration::from_secs(10),
-            )
+            .seek(&self.topic, partition, offset, Duration::from_secs(10))
             .map_err(PipelineError::kafka(format!(
-                "seeking partition {partition} to offset {offset}"
+                "seeking partition {partition} to {offset:?}"
             )))
     }
 
@@ -347,6 +418,46 @@ impl Source {
             let _ = tpl.add_partition_offset(&self.topic, partition, Offset::Offset(next));
         }
         tpl
+    }
+
+    /// `offsets` (next offsets) with each partition's commit metadata.
+    pub fn offset_list_with_metadata(&self, offsets: &[(i32, i64, String)]) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for (partition, next, metadata) in offsets {
+            let _ = tpl.add_partition_offset(&self.topic, *partition, Offset::Offset(*next));
+            if let Some(mut element) = tpl.find_partition(&self.topic, *partition) {
+                element.set_metadata(metadata.as_str());
+            }
+        }
+        tpl
+    }
+
+    /// The metadata the group last committed with each of `partitions` (those that have
+    /// a committed offset).
+    pub fn committed_metadata(
+        &self,
+        partitions: &[i32],
+    ) -> Result<BTreeMap<i32, String>, PipelineError> {
+        if partitions.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for &p in partitions {
+            tpl.add_partition(&self.topic, p);
+        }
+        let committed = self
+            .consumer
+            .committed_offsets(tpl, Duration::from_secs(30))
+            .map_err(PipelineError::kafka(format!(
+                "reading the committed offsets of {}",
+                self.topic
+            )))?;
+        Ok(committed
+            .elements()
+            .iter()
+            .filter(|e| matches!(e.offset(), Offset::Offset(_)))
+            .map(|e| (e.partition(), e.metadata().to_string()))
+            .collect())
     }
 
     /// Commits next offsets asynchronously (for lag monitoring and new group members).
@@ -453,6 +564,46 @@ impl Reposition {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A consumer-protocol assignment of `topics`, as the group leader writes it.
+    fn assignment(version: i16, topics: &[(&str, &[i32])], user_data: &[u8]) -> Vec<u8> {
+        let mut bytes = version.to_be_bytes().to_vec();
+        bytes.extend((topics.len() as i32).to_be_bytes());
+        for (name, partitions) in topics {
+            bytes.extend((name.len() as i16).to_be_bytes());
+            bytes.extend(name.as_bytes());
+            bytes.extend((partitions.len() as i32).to_be_bytes());
+            for p in *partitions {
+                bytes.extend(p.to_be_bytes());
+            }
+        }
+        bytes.extend((user_data.len() as i32).to_be_bytes());
+        bytes.extend(user_data);
+        bytes
+    }
+
+    #[test]
+    fn an_assignment_yields_the_partitions_of_its_topic_only() {
+        let bytes = assignment(3, &[("other", &[0, 1]), ("plays", &[4, 2])], b"sticky");
+        assert_eq!(assigned_partitions(&bytes, "plays"), Some(vec![4, 2]));
+        assert_eq!(assigned_partitions(&bytes, "absent"), Some(vec![]));
+        assert_eq!(
+            assigned_partitions(&assignment(0, &[], b""), "plays"),
+            Some(vec![])
+        );
+    }
+
+    #[test]
+    fn a_truncated_assignment_is_malformed_not_a_panic() {
+        let bytes = assignment(1, &[("plays", &[0, 1, 2])], b"");
+        for cut in 0..bytes.len() - 4 {
+            assert_eq!(
+                assigned_partitions(&bytes[..cut], "plays"),
+                None,
+                "cut at {cut}"
+            );
+        }
+    }
 
     #[test]
     fn a_record_at_or_before_the_target_is_continuous() {

@@ -36,6 +36,9 @@ pub struct DailyActiveUsers {
     parts: BTreeMap<i32, BTreeMap<i64, DayPartial>>,
     /// Per owned partition, the highest watermark at which its days were closed.
     closed: BTreeMap<i32, i64>,
+    /// The frontier of each partition the last checkpoint wrote: an unchanged one is not
+    /// written (nor sent to the changelog) again.
+    written: BTreeMap<i32, i64>,
     /// The frontier of a state directory written before frontiers were per partition.
     legacy_closed: i64,
     /// Closed days whose state is deleted at the next checkpoint.
@@ -61,6 +64,7 @@ impl DailyActiveUsers {
             global,
             parts: BTreeMap::new(),
             closed: BTreeMap::new(),
+            written: BTreeMap::new(),
             emitted: Vec::new(),
             progress: SentProgress::new(),
         })
@@ -120,12 +124,14 @@ impl Operator for DailyActiveUsers {
             .partition_frontier(DAU_FRONTIER, partition)?
             .unwrap_or(self.legacy_closed);
         self.closed.insert(partition, closed);
+        self.written.insert(partition, closed);
         Ok(())
     }
 
     fn revoke(&mut self, partition: i32) {
         self.parts.remove(&partition);
         self.closed.remove(&partition);
+        self.written.remove(&partition);
         self.progress.remove(&partition);
         self.emitted.retain(|(p, _)| *p != partition);
     }
@@ -206,8 +212,10 @@ impl Operator for DailyActiveUsers {
             self.store.stage_days(batch, p, days);
         }
         for (&p, &closed) in self.closed.iter().filter(|(_, c)| **c != i64::MIN) {
-            self.store
-                .stage_partition_frontier(batch, DAU_FRONTIER, p, closed);
+            if self.written.insert(p, closed) != Some(closed) {
+                self.store
+                    .stage_partition_frontier(batch, DAU_FRONTIER, p, closed);
+            }
         }
         Ok(())
     }

@@ -54,6 +54,9 @@ pub struct QosWindows {
     /// at or below is final. Per partition, as a partition that moves here may lag behind
     /// the others, and its records are late against its own progress only.
     closed: BTreeMap<i32, i64>,
+    /// The frontier of each partition the last checkpoint wrote: an unchanged one is not
+    /// written (nor sent to the changelog) again.
+    written: BTreeMap<i32, i64>,
     /// The frontier of an earlier version, kept for all partitions in one key.
     legacy_closed: i64,
     /// Emitted windows whose state is deleted at the next checkpoint.
@@ -127,6 +130,7 @@ impl QosWindows {
             spec: WindowSpec::new(qos.window, qos.advance.unwrap_or(qos.window), qos.grace),
             dimensions: qos.dimensions.clone(),
             closed: BTreeMap::new(),
+            written: BTreeMap::new(),
             legacy_closed: store.closed_through(QOS_FRONTIER)?.unwrap_or(i64::MIN),
             store,
             partials,
@@ -237,6 +241,7 @@ impl Operator for QosWindows {
             .partition_frontier(QOS_FRONTIER, partition)?
             .unwrap_or(self.legacy_closed);
         self.closed.insert(partition, closed);
+        self.written.insert(partition, closed);
         tracing::debug!(
             partition,
             open_windows = windows.windows.len(),
@@ -261,6 +266,7 @@ impl Operator for QosWindows {
         self.parts.remove(&partition);
         self.progress.remove(&partition);
         self.closed.remove(&partition);
+        self.written.remove(&partition);
         if let Some(qoe) = &mut self.qoe {
             qoe.parts.remove(&partition);
             qoe.horizon.remove(&partition);
@@ -381,8 +387,10 @@ impl Operator for QosWindows {
             }
         }
         for (&p, &closed) in self.closed.iter().filter(|(_, c)| **c != i64::MIN) {
-            self.store
-                .stage_partition_frontier(batch, QOS_FRONTIER, p, closed);
+            if self.written.insert(p, closed) != Some(closed) {
+                self.store
+                    .stage_partition_frontier(batch, QOS_FRONTIER, p, closed);
+            }
         }
         Ok(())
     }

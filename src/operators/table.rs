@@ -138,6 +138,17 @@ impl ResumeTable {
     }
 }
 
+/// However the table task ends (a clean stop, an error, a panic), this instance stops
+/// answering for its partitions at once: the process may take a while to exit, and another
+/// instance already owns them.
+impl Drop for ResumeTable {
+    fn drop(&mut self) {
+        for &p in self.parts.keys() {
+            self.view.set_owned(p, false);
+        }
+    }
+}
+
 impl Operator for ResumeTable {
     fn name(&self) -> &'static str {
         "resume"
@@ -299,5 +310,36 @@ impl Operator for ResumeTable {
             commit = self.commits.pop_front().map(|(_, o)| o);
         }
         commit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::registry::MemoryRegistry;
+    use crate::resume::RESUME_POSITION_SCHEMA;
+
+    #[test]
+    fn a_table_that_ends_answers_for_no_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 8, 8).unwrap());
+        let view = Arc::new(TableView::new(store, 2));
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("topologies/resume.toml");
+        let topology = crate::config::Topology::load(&path).unwrap();
+        let output = Output::register(
+            &MemoryRegistry::default(),
+            "positions",
+            RESUME_POSITION_SCHEMA,
+        )
+        .unwrap();
+        let resume = topology.resume.as_ref().unwrap();
+        let mut table = ResumeTable::new(resume, Arc::clone(&view), output, Duration::from_secs(1));
+        table.assign(1, None).unwrap();
+        assert!(view.owns(1));
+        drop(table);
+        assert!(
+            !view.owns(1),
+            "a table that ended does not answer for partition 1"
+        );
     }
 }

@@ -399,6 +399,7 @@ impl Core {
                 for p in &partitions {
                     self.parts.insert(*p, MergePartition::default());
                 }
+                self.recall_frontiers(source, &partitions)?;
                 tracing::info!(
                     ?partitions,
                     "merge partitions assigned; reading them from the start"
@@ -578,20 +579,19 @@ impl Core {
         let Some(config) = &self.options.days else {
             return Ok(0);
         };
-        days.sort_by_key(|(day, _)| *day);
-        let mut sent = 0;
-        for (day, results) in days.iter() {
-            for r in results {
-                self.sink
-                    .send_result(&config.output, &r.key(), r, None, &[])?;
-                sent += 1;
-            }
-            if *day >= self.gauge_day {
-                self.gauge_day = *day;
-                self.day_gauges.publish(results);
-            }
-        }
-        Ok(sent)
+        let (gauge_day, gauges) = (&mut self.gauge_day, &mut self.day_gauges);
+        send_in_order(
+            &self.sink,
+            &config.output,
+            days,
+            DailyActive::key,
+            |day, results| {
+                if day >= *gauge_day {
+                    *gauge_day = day;
+                    gauges.publish(results);
+                }
+            },
+        )
     }
 
     /// With the `early` policy, writes not-final results of the open windows that changed.
@@ -630,18 +630,18 @@ impl Core {
         let Some(config) = &self.options.windows else {
             return Ok(0);
         };
-        windows.sort_by_key(|(start, _)| *start);
-        let mut sent = 0;
-        for (_, results) in windows.iter() {
-            for result in results {
-                self.sink
-                    .send_result(&config.results, &result.key(), result, None, &[])?;
-                sent += 1;
-                if let Some(hook) = self.on_result.as_mut().filter(|_| is_final) {
-                    hook(result);
+        let mut hook = self.on_result.as_mut().filter(|_| is_final);
+        let sent = send_in_order(
+            &self.sink,
+            &config.results,
+            windows,
+            crate::record::QosWindow::key,
+            |_, results| {
+                if let Some(hook) = hook.as_mut() {
+                    results.iter().for_each(hook);
                 }
-            }
-        }
+            },
+        )?;
         if is_final && !windows.is_empty() {
             metrics::windows_closed(windows.len() as u64);
             metrics::results_emitted(sent);
@@ -662,6 +662,30 @@ impl Core {
             }
         }
         Ok(sent)
+    }
+
+    /// Exactly-once: takes up the frontiers the group's last committed transaction recorded
+    /// for `partitions`. Their frontier records may still be out of reach when the partition
+    /// is read to its end: a `read_committed` reader stops at the first open transaction of
+    /// any writer (phase one writes there all the time), and windows closed by the earlier
+    /// owner would otherwise be emitted a second time.
+    fn recall_frontiers(
+        &mut self,
+        source: &Source,
+        partitions: &[i32],
+    ) -> Result<(), PipelineError> {
+        if !self.sink.is_transactional() {
+            return Ok(());
+        }
+        for (p, metadata) in source.committed_metadata(partitions)? {
+            if let (Some(part), Some(frontiers)) =
+                (self.parts.get_mut(&p), Frontiers::decode(&metadata))
+            {
+                part.frontier = frontiers.windows;
+                part.day_frontier = frontiers.days;
+            }
+        }
+        Ok(())
     }
 
     /// Sends the frontiers and tombstones owed (after the results they follow).
@@ -696,23 +720,124 @@ impl Core {
             )
         })?;
         // The offsets fence a zombie owner through the group's generation; the merge always
-        // reads its partitions from the start, so they stay at 0.
-        let offsets: Vec<(i32, i64)> = self.parts.keys().map(|&p| (p, 0)).collect();
-        match self
-            .sink
-            .publish(&records, None, &source.offset_list(&offsets), &group)
-        {
+        // reads its partitions from the start, so they stay at 0. Their metadata carries the
+        // frontiers this transaction commits (see `recall_frontiers`).
+        let offsets: Vec<(i32, i64, String)> = self
+            .parts
+            .iter()
+            .map(|(&p, part)| (p, 0, Frontiers::of(part).encode()))
+            .collect();
+        match self.sink.publish(
+            &records,
+            None,
+            &source.offset_list_with_metadata(&offsets),
+            &group,
+        ) {
             Err(e) if e.is_retriable_transaction() => {
                 // Aborted (a rebalance changed the generation): the state is what the topic
                 // holds, so the partitions are read again and the windows closed again.
                 tracing::warn!(error = %e, "a merge transaction was aborted; reading the partitions again");
                 for (&p, part) in self.parts.iter_mut() {
                     *part = MergePartition::default();
-                    source.seek(p, 0)?;
+                    source.seek(p, rdkafka::Offset::Offset(0))?;
                 }
-                Ok(())
+                let partitions: Vec<i32> = self.parts.keys().copied().collect();
+                self.recall_frontiers(source, &partitions)
             }
             other => other,
+        }
+    }
+}
+
+/// Sends `batches` of results (each a window or day and its results) oldest first; `sent`
+/// sees each batch once it is sent. Returns the number of results sent.
+fn send_in_order<R: serde::Serialize>(
+    sink: &Sink,
+    output: &Output,
+    batches: &mut [(i64, Vec<R>)],
+    key: impl Fn(&R) -> String,
+    mut sent: impl FnMut(i64, &[R]),
+) -> Result<u64, PipelineError> {
+    batches.sort_by_key(|(at, _)| *at);
+    let mut count = 0;
+    for (at, results) in batches.iter() {
+        for r in results {
+            sink.send_result(output, &key(r), r, None, &[])?;
+        }
+        count += results.len() as u64;
+        sent(*at, results);
+    }
+    Ok(count)
+}
+
+/// A merge partition's frontiers, as the metadata of its committed offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Frontiers {
+    windows: Option<i64>,
+    days: Option<i64>,
+}
+
+impl Frontiers {
+    const PREFIX: &'static str = "marquee-merge/1";
+
+    fn of(part: &MergePartition) -> Self {
+        Self {
+            windows: part.frontier,
+            days: part.day_frontier,
+        }
+    }
+
+    fn encode(self) -> String {
+        let show = |f: Option<i64>| f.map_or_else(|| "-".to_string(), |f| f.to_string());
+        format!(
+            "{} {} {}",
+            Self::PREFIX,
+            show(self.windows),
+            show(self.days)
+        )
+    }
+
+    /// `None` for metadata that is not Marquee's (or of another version).
+    fn decode(metadata: &str) -> Option<Self> {
+        let mut fields = metadata.split(' ');
+        if fields.next()? != Self::PREFIX {
+            return None;
+        }
+        let mut next = || match fields.next()? {
+            "-" => Some(None),
+            f => f.parse().ok().map(Some),
+        };
+        let (windows, days) = (next()?, next()?);
+        Some(Self { windows, days })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frontiers_round_trip_through_offset_metadata() {
+        for frontiers in [
+            Frontiers {
+                windows: None,
+                days: None,
+            },
+            Frontiers {
+                windows: Some(-5),
+                days: Some(1_767_225_600_000),
+            },
+        ] {
+            assert_eq!(Frontiers::decode(&frontiers.encode()), Some(frontiers));
+        }
+        for foreign in [
+            "",
+            "0",
+            "marquee-merge/1 1",
+            "marquee-merge/0 1 2",
+            "marquee-merge/1 x -",
+        ] {
+            assert_eq!(Frontiers::decode(foreign), None, "{foreign:?}");
         }
     }
 }

@@ -8,6 +8,7 @@
 //! (event time: final results) and each wall-clock tick (early results, rate limits).
 
 pub mod merge;
+pub mod standby;
 mod task;
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};

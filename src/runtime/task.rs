@@ -21,14 +21,16 @@
 //! dropped and the partitions whose local state is ahead of the committed offsets are
 //! restored from the changelogs (see `Core::stale`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::Offset;
 use tokio_util::sync::CancellationToken;
 
+use super::standby::Standby;
 use super::{Context, Handled, Operator, PartitionMark, Record};
 use crate::check::check;
 use crate::error::PipelineError;
@@ -48,6 +50,8 @@ const TICK_RECORDS: u32 = 4096;
 const CLOCK_RECORDS: u32 = 64;
 /// Longest time between watermark ticks.
 const TICK_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest a restore waits for the changelogs to reach the committed offsets.
+const RESTORE_SETTLE: Duration = Duration::from_secs(90);
 /// A gap between ticks longer than this is a stall of Marquee itself, not quiet of the data.
 const STALL_GAP: Duration = Duration::from_secs(1);
 /// How long a repositioned partition may deliver nothing while the broker holds records past
@@ -80,6 +84,8 @@ pub struct TaskOptions {
     /// instance.
     pub changelog: Option<Changelog>,
     pub checkpoint_interval: Duration,
+    /// Standby copies of each partition's state kept on other instances (with a changelog).
+    pub standby_replicas: usize,
 }
 
 /// Where a transactional task records its committed checkpoints.
@@ -101,6 +107,9 @@ struct PartitionState {
     /// Set when the fetch position moved (assignment, resume): where the partition must
     /// continue, checked on its first record.
     reposition: Option<Reposition>,
+    /// The checkpoint last written: an unchanged one is not written again (nor its
+    /// changelog record sent).
+    checkpointed: Option<PartitionMeta>,
     counters: PartitionCounters,
 }
 
@@ -137,6 +146,8 @@ struct Core {
     recovered: bool,
     /// A transaction was aborted: the owned partitions are taken up again after the next poll.
     start_over: bool,
+    /// Warm copies of partitions other instances own.
+    standby: Option<Standby>,
 }
 
 impl Task {
@@ -150,7 +161,16 @@ impl Task {
         operators: Vec<Box<dyn Operator>>,
         health: Arc<Health>,
     ) -> Self {
+        let standby = match &options.changelog {
+            Some(changelog) if options.standby_replicas > 0 => Some(Standby::new(
+                options.name,
+                options.standby_replicas,
+                changelog.clone(),
+            )),
+            _ => None,
+        };
         let core = Core {
+            standby,
             marks: Watermarks::new(options.out_of_orderness, options.idle_timeout),
             partition_marks: Vec::new(),
             topic: source.topic().to_string(),
@@ -187,6 +207,7 @@ impl Task {
             }
             if std::mem::take(&mut core.start_over) {
                 core.reassign(&source, Assignment::Assigned(source.assignment()?))?;
+                core.rewind(&source)?;
             }
             match polled {
                 Some(Ok(message)) => {
@@ -206,6 +227,7 @@ impl Task {
             let now = Instant::now();
             if since_tick >= TICK_RECORDS || now.duration_since(last_tick) >= TICK_INTERVAL {
                 core.tick(&source)?;
+                core.keep_standby(&source)?;
                 since_tick = 0;
                 last_tick = Instant::now();
             }
@@ -229,6 +251,10 @@ impl Core {
     fn reassign(&mut self, source: &Source, change: Assignment) -> Result<(), PipelineError> {
         match change {
             Assignment::Assigned(partitions) => {
+                if let Some(standby) = &mut self.standby {
+                    standby.promote(&partitions)?;
+                    standby.invalidate();
+                }
                 // The group is joined: what a crash left unsent can now be settled.
                 let mut stale = self.stale(source, &partitions)?;
                 if !self.recovered {
@@ -245,6 +271,7 @@ impl Core {
                     self.recovered = true;
                 }
                 self.restore(&stale)?;
+                self.restore_until_committed(source, &stale)?;
                 for p in partitions {
                     self.assign(p)?;
                 }
@@ -262,6 +289,9 @@ impl Core {
                     }
                 }
                 source.release(&partitions)?;
+                if let Some(standby) = &mut self.standby {
+                    standby.invalidate();
+                }
                 tracing::info!(task = self.options.name, owned = ?self.parts.keys().collect::<Vec<_>>(), "partitions revoked");
             }
         }
@@ -278,8 +308,8 @@ impl Core {
     }
 
     /// Of the newly assigned `partitions`, those whose local state is missing or behind the
-    /// group's committed offset (another instance processed them): with changelogs, they are
-    /// restored before they are processed.
+    /// group's committed offset (another instance processed them), or a standby copy: with
+    /// changelogs, they are restored (a copy caught up) before they are processed.
     fn stale(&self, source: &Source, partitions: &[i32]) -> Result<Vec<i32>, PipelineError> {
         if self.options.changelog.is_none() {
             return Ok(Vec::new());
@@ -293,6 +323,11 @@ impl Core {
         let mut stale = Vec::new();
         let exactly_once = self.options.transactions.is_some();
         for p in new {
+            // A copy becomes this instance's own state only through the restore.
+            if self.store.standby_offsets(self.options.name, p)?.is_some() {
+                stale.push(p);
+                continue;
+            }
             let local = self.partition_meta(p)?.map(|m| m.next_offset);
             let stale_here = match (local, committed.get(&p).copied()) {
                 // Exactly-once: local state is a cache of what the transactions committed,
@@ -311,6 +346,58 @@ impl Core {
             }
         }
         Ok(stale)
+    }
+
+    /// Exactly-once: a restored partition must reach the group's committed offset, as its
+    /// positions are committed in the same transaction. It falls short when an open
+    /// transaction of a crashed writer holds the changelog's readers back (`read_committed`
+    /// stops there) while a later owner committed after it: those partitions are restored
+    /// again once that transaction is aborted (by the crashed instance's restart or its
+    /// `transaction.timeout.ms`), for at most [`RESTORE_SETTLE`].
+    fn restore_until_committed(
+        &mut self,
+        source: &Source,
+        restored: &[i32],
+    ) -> Result<(), PipelineError> {
+        if self.options.transactions.is_none() || restored.is_empty() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + RESTORE_SETTLE;
+        loop {
+            let committed = source.committed(restored)?;
+            let mut behind = Vec::new();
+            for (&p, &offset) in &committed {
+                let local = self.partition_meta(p)?.map(|m| m.next_offset);
+                if local != Some(offset) {
+                    behind.push(p);
+                }
+            }
+            if behind.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    task = self.options.name,
+                    partitions = ?behind,
+                    "the changelogs still end before the committed offsets; going on from \
+                     what they hold (outputs since then may be written again)"
+                );
+                return Ok(());
+            }
+            tracing::info!(task = self.options.name, partitions = ?behind, "the changelogs end before the committed offsets (an open transaction holds them back); restoring again");
+            std::thread::sleep(Duration::from_secs(1));
+            self.restore(&behind)?;
+        }
+    }
+
+    /// Follows standby placement and applies what arrived for the copies.
+    fn keep_standby(&mut self, source: &Source) -> Result<(), PipelineError> {
+        let Some(standby) = &mut self.standby else {
+            return Ok(());
+        };
+        let owned: BTreeSet<i32> = self.parts.keys().copied().collect();
+        standby.refresh(source, &self.store, &owned)?;
+        standby.apply(&self.store)
     }
 
     /// Rebuilds `stale` partitions from the changelog topics.
@@ -353,6 +440,7 @@ impl Core {
                 next_offset: meta.map(|m| m.next_offset),
                 paused: false,
                 reposition: meta.map(|m| Reposition::new(m.next_offset, self.now)),
+                checkpointed: meta,
                 counters: PartitionCounters::new(&self.topic, p),
             },
         );
@@ -457,7 +545,7 @@ impl Core {
                 "the broker continued past this partition's position; seeking back"
             );
             part.counters.sought_back();
-            source.seek(p, offset)?;
+            source.seek(p, Offset::Offset(offset))?;
         }
         Ok(())
     }
@@ -572,14 +660,17 @@ impl Core {
             op.stage(&mut batch)?;
         }
         let mut offsets = Vec::with_capacity(self.parts.len());
-        for (&p, part) in &self.parts {
+        for (&p, part) in &mut self.parts {
             if let Some(next_offset) = part.next_offset {
                 let meta = PartitionMeta {
                     next_offset,
                     max_event_time: self.marks.max_event_time(p),
                 };
-                self.store
-                    .stage_meta(&mut batch, self.options.name, p, meta);
+                if part.checkpointed != Some(meta) {
+                    self.store
+                        .stage_meta(&mut batch, self.options.name, p, meta);
+                    part.checkpointed = Some(meta);
+                }
                 offsets.push((p, next_offset));
             }
         }
@@ -715,6 +806,34 @@ impl Core {
         self.start_over = true;
     }
 
+    /// After a start over: the consumer went on past the partitions' restored positions
+    /// while the aborted transaction was open, so each is read again from its position, or,
+    /// without one, from the group's committed offset or the beginning (as a new process
+    /// would). Otherwise the records of the aborted transaction would never be processed.
+    fn rewind(&mut self, source: &Source) -> Result<(), PipelineError> {
+        let unknown: Vec<i32> = self
+            .parts
+            .iter()
+            .filter(|(_, part)| part.next_offset.is_none())
+            .map(|(&p, _)| p)
+            .collect();
+        let committed = source.committed(&unknown)?;
+        for (&p, part) in &self.parts {
+            let to = part
+                .next_offset
+                .or_else(|| committed.get(&p).copied())
+                .map_or(Offset::Beginning, Offset::Offset);
+            tracing::info!(
+                task = self.options.name,
+                partition = p,
+                ?to,
+                "reading the partition again after the aborted transaction"
+            );
+            source.seek(p, to)?;
+        }
+        Ok(())
+    }
+
     /// Once per run, what the last checkpoint before a crash may have left unsent: its
     /// changelog records (at least once: sent again for the `assigned` partitions, whose
     /// values have not changed since), or, exactly-once, its outputs and changelog records
@@ -742,6 +861,10 @@ impl Core {
         let committed = last_marker(&tx)?;
         let mut previous = Vec::new();
         for p in 0..source.partition_count()? {
+            // A standby copy is not what this instance processed.
+            if self.store.standby_offsets(name, p)?.is_some() {
+                continue;
+            }
             if let Some(meta) = self.partition_meta(p)? {
                 previous.push((p, meta.next_offset));
             }

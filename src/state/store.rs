@@ -612,6 +612,70 @@ impl Store {
         }
     }
 
+    /// Where the standby copy of `task`'s `partition` has read each changelog topic to: the
+    /// next offset per store (of [`CHANGELOGGED`]). `None`: the partition's local state is
+    /// not a standby copy (it is this instance's own, or absent).
+    pub fn standby_offsets(
+        &self,
+        task: &str,
+        partition: i32,
+    ) -> Result<Option<Vec<(&'static str, i64)>>, StateError> {
+        let Some(value) = self
+            .db
+            .get_cf(self.cf(CF_META), standby_key(task, partition))?
+        else {
+            return Ok(None);
+        };
+        let corrupt = || StateError::Corrupt {
+            key: format!("{CF_META}/{task}/standby/{partition}"),
+            message: format!(
+                "expected (store, offset) entries of 9 bytes, found {} bytes",
+                value.len()
+            ),
+        };
+        if value.len() % 9 != 0 {
+            return Err(corrupt());
+        }
+        value
+            .chunks_exact(9)
+            .map(|entry| {
+                let store = *CHANGELOGGED
+                    .get(usize::from(entry[0]))
+                    .ok_or_else(corrupt)?;
+                let offset = i64::from_le_bytes(entry[1..9].try_into().expect("8 bytes"));
+                Ok((store, offset))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
+    /// Stages where the standby copy of `task`'s `partition` has read each store's changelog
+    /// to, in the batch that applies those records.
+    pub fn stage_standby_offsets(
+        &self,
+        batch: &mut Batch,
+        task: &str,
+        partition: i32,
+        offsets: &[(&'static str, i64)],
+    ) {
+        let mut value = Vec::with_capacity(offsets.len() * 9);
+        for (store, offset) in offsets {
+            let index = CHANGELOGGED
+                .iter()
+                .position(|s| s == store)
+                .expect("a changelogged store");
+            value.push(index as u8);
+            value.extend_from_slice(&offset.to_le_bytes());
+        }
+        batch.put_cf(self.cf(CF_META), standby_key(task, partition), value);
+    }
+
+    /// Stages the end of `task`'s standby copy of `partition`: its state becomes the active
+    /// one's (caught up), or is dropped (with [`Store::stage_partition_clear`]).
+    pub fn stage_standby_end(&self, batch: &mut Batch, task: &str, partition: i32) {
+        batch.delete_cf(self.cf(CF_META), standby_key(task, partition));
+    }
+
     /// Stages the list of `task`'s changelogged keys this checkpoint touches: if the process
     /// dies before their changelog records are delivered, they are sent again on restart.
     pub fn stage_changelog_pending(&self, batch: &mut Batch, task: &str, changes: &[Change]) {
@@ -828,6 +892,11 @@ fn outbox_prefix(task: &str) -> Vec<u8> {
 }
 
 /// Meta key of a stage's input partition: each stage reads its own topic.
+/// Key of the standby offsets of `task`'s `partition`.
+fn standby_key(task: &str, partition: i32) -> Vec<u8> {
+    meta_key(&format!("{task}/standby"), partition)
+}
+
 fn meta_key(stage: &str, partition: i32) -> Vec<u8> {
     let mut key = format!("{stage}/").into_bytes();
     key.extend_from_slice(&keys::partition_prefix(partition));

@@ -486,3 +486,19 @@ pub fn wait_until_ok(what: &str, timeout: Duration, mut check: impl FnMut() -> R
         }
     }
 }
+
+/// Where a spawned instance's log goes: appended to `$MARQUEE_TEST_LOG_DIR/<name>.log` when
+/// that is set (to read an instance's own log after a failure), else the test's stderr.
+pub fn instance_log(name: &str) -> Stdio {
+    let Some(dir) = std::env::var_os("MARQUEE_TEST_LOG_DIR") else {
+        return Stdio::inherit();
+    };
+    std::fs::create_dir_all(&dir).expect("MARQUEE_TEST_LOG_DIR can be created");
+    let path = std::path::Path::new(&dir).join(format!("{name}.log"));
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
+        .into()
+}

@@ -418,6 +418,26 @@ pub fn committed_results(
     })
 }
 
+/// Exactly-once, read from the cluster: the committed results and late records of
+/// `topology` (waiting up to `timeout` for every result key) equal the reference, each once.
+pub fn assert_committed_exactly_once(
+    brokers: &str,
+    topology: &Topology,
+    expected: &Expected,
+    timeout: Duration,
+) {
+    let keys = expected.results.len();
+    let results = committed_results(brokers, &topology.sink.topic, keys, timeout);
+    let late = super::read_committed(
+        brokers,
+        &topology.sink.late_topic,
+        expected.late.len(),
+        Duration::from_secs(2),
+        Duration::from_secs(30),
+    );
+    assert_exactly_once(&results, &late, expected);
+}
+
 /// Exactly-once: `results` and `late` (every record a `read_committed` reader sees) equal the
 /// reference, with each result and each late record once.
 pub fn assert_exactly_once(results: &[Consumed], late: &[Consumed], expected: &Expected) {

@@ -82,12 +82,15 @@ pub fn owners_answer(
     for (key, want) in expected {
         let path = format!("/profiles/{}/titles/{}", want.profile_id, want.title_id);
         let want_json = serde_json::to_value(want).unwrap();
-        let answers: Vec<(u16, String)> = instances
+        let answers: Vec<(&str, u16, String)> = instances
             .iter()
-            .map(|http| super::http_get(http, &path))
-            .filter(|(status, _)| *status != 421 && *status != 0)
+            .map(|http| {
+                let (status, body) = super::http_get(http, &path);
+                (http.as_str(), status, body)
+            })
+            .filter(|(_, status, _)| *status != 421 && *status != 0)
             .collect();
-        let [(200, body)] = answers.as_slice() else {
+        let [(_, 200, body)] = answers.as_slice() else {
             return Err(format!(
                 "{key}: answers {answers:?}, expected one owner's 200"
             ));
