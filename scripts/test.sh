@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Installs what the tests need (build dependencies, Apache Kafka, the Tansu broker, cargo-fuzz)
-# and runs every check: formatting, clippy, unit, property and integration tests on real
-# components, and a bounded run of every fuzz target.
+# Installs what the tests need (build dependencies, Apache Kafka, the Tansu broker, promtool,
+# cargo-fuzz) and runs every check: formatting, clippy, unit, property and integration tests
+# on real components, and a bounded run of every fuzz target.
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
 
@@ -9,6 +9,15 @@ tansu_bin="${CARGO_HOME:-$HOME/.cargo}/bin/tansu"
 if [ ! -x "$tansu_bin" ] && ! command -v tansu >/dev/null 2>&1; then
   echo "installing the Tansu Kafka broker for the integration tests (several minutes)" >&2
   cargo install tansu --locked --features dynostore
+fi
+
+# promtool (Debian's prometheus package) for the alert rule tests.
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "installing promtool (Debian's prometheus package) for the alert rule tests" >&2
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 
 # Apache Kafka 4.4 for the tests that need the broker users run (jars from Maven Central).

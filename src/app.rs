@@ -128,6 +128,8 @@ fn run_operators(
         .resume
         .as_ref()
         .map(|r| r.repartition_topic(&topology.name));
+    // Internal topics are partitioned like the input: it must exist before anything is made.
+    let input_partitions = input_partitions(&producer, &topology.source.topic)?;
     ensure_topics(
         &producer,
         &output_topics(
@@ -136,8 +138,6 @@ fn run_operators(
             marker_topic(topology).as_deref(),
         ),
     )?;
-    // Internal topics partitioned like the input: the changelogs and the QoS partials.
-    let input_partitions = input_partitions(&producer, &topology.source.topic)?;
     if let Some(changelog) = input_changelog(topology, endpoints) {
         changelog.ensure_topics(input_partitions)?;
     }
@@ -393,24 +393,12 @@ fn marker_topic(topology: &Topology) -> Option<String> {
 
 /// The number of partitions of the input topic; an error naming it when it does not exist.
 fn input_partitions(config: &rdkafka::ClientConfig, topic: &str) -> Result<i32, PipelineError> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let client: BaseConsumer = config
-        .clone()
-        .set("allow.auto.create.topics", "false")
-        .create()
-        .map_err(PipelineError::kafka("creating a metadata client"))?;
-    let metadata = client
-        .fetch_metadata(Some(topic), std::time::Duration::from_secs(10))
-        .map_err(PipelineError::kafka(format!("reading metadata of {topic}")))?;
-    match metadata.topics().first() {
-        Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
-            Ok(t.partitions().len() as i32)
-        }
-        _ => Err(PipelineError::Other(format!(
+    crate::io::sink::partitions_of(config, topic)?.ok_or_else(|| {
+        PipelineError::Other(format!(
             "the input topic {topic} does not exist: create it (with at least as many partitions \
              as instances you will run), or set `source.topic` to an existing topic"
-        ))),
-    }
+        ))
+    })
 }
 
 /// The changelog topics of the input task's stores: the QoS windows (and sessions and QoE

@@ -25,7 +25,8 @@
 //!   schema resolution), [`io::registry`] (registry client, in-memory and embedded registries),
 //!   [`io::sink`] (the producer, Avro encoding, late and dead-letter copies, refused outputs).
 //! - [`runtime`]: the task loop that runs any set of operators over one topic: assignment,
-//!   decode once, watermarks and alignment, the checkpoint protocol.
+//!   decode once, watermarks and alignment, the checkpoint protocol; the merge task (phase
+//!   two) and the standby copies of other instances' partitions.
 //! - [`operators`]: what the runtime drives — [`operators::qos`] (QoS windows with the
 //!   session lifecycle's QoE fields), [`operators::dau`] (daily active users),
 //!   [`operators::repartition`] (by profile), [`operators::table`] (the resume table).
@@ -36,18 +37,20 @@
 //!   counts.
 //! - [`session`]: the session lifecycle rule behind the QoE fields (attempts, start failures,
 //!   exits before start, startup time, bitrate), decided in event-time order.
-//! - [`resume`]: the table's restore from its topic and what the HTTP side reads.
+//! - [`resume`]: what the HTTP side reads of the resume table.
+//! - [`progress`]: progress lines of long work (restores, backfills).
 //! - [`state`]: RocksDB stores, key codec, offsets in the same write batch.
 //! - [`metrics`]: every counter and gauge Marquee exports.
 //! - [`serve`]: [`serve::http`] (`/metrics`, `/healthz`, `/readyz`, the query API) and
 //!   [`serve::query`] (parsing and validation of query requests).
 //! - [`app`]: builds the tasks of a topology and runs them.
 //! - [`tools`]: [`tools::gen`] (synthetic playback events), [`tools::demo`] (the whole job on
-//!   an in-process Kafka and registry), [`tools::bench`] (end-to-end throughput).
+//!   an in-process Kafka and registry), [`tools::bench`] (end-to-end throughput),
+//!   [`tools::status`] (`marquee status`).
 //!
 //! Without the default `runtime` feature only the pure core is built (`check`, `config`,
 //! `error`, `record`, `io::decode`, `io::registry`'s trait and in-memory registry,
-//! `serve::query`, `state::keys`): what the fuzz targets in `fuzz/` exercise.
+//! `progress`, `serve::query`, `state::keys`): what the fuzz targets in `fuzz/` exercise.
 
 #[cfg(feature = "runtime")]
 pub mod app;
@@ -63,6 +66,7 @@ pub mod io;
 pub mod metrics;
 #[cfg(feature = "runtime")]
 pub mod operators;
+pub mod progress;
 pub mod record;
 #[cfg(feature = "runtime")]
 pub mod resume;

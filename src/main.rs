@@ -1,7 +1,10 @@
 //! The `marquee` command: parses arguments, sets up logging and signals, calls the library.
 
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use marquee::app::{self, Endpoints};
 use marquee::config::Topology;
 use marquee::io::registry::HttpRegistry;
+use marquee::io::sink::{ensure_topics, partitions_of, producer_config, TopicSpec};
 use marquee::serve::http::Health;
 use marquee::tools::gen::{publish, GenOptions, Generator, Publisher};
 
@@ -19,8 +23,25 @@ use marquee::tools::gen::{publish, GenOptions, Generator, Publisher};
 #[derive(Parser)]
 #[command(name = "marquee", version)]
 struct Cli {
+    /// Log lines as text (coloured on a terminal, unless NO_COLOR is set) or as one JSON
+    /// object per line, for log shippers.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "MARQUEE_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How log lines are written to stderr.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -52,6 +73,21 @@ enum Command {
         #[arg(long, env = "MARQUEE_INSTANCE_ID")]
         instance_id: Option<String>,
     },
+    /// What a topology is doing: consumer lag, owner and watermark per input partition (from
+    /// the cluster and the instances), readiness, state size and restores per instance.
+    Status {
+        /// Topology file.
+        topology: PathBuf,
+        /// Kafka bootstrap servers.
+        #[arg(long, env = "MARQUEE_BROKERS", default_value = "localhost:9092")]
+        brokers: String,
+        /// An instance's HTTP address (its `--http`); repeat for each instance.
+        #[arg(long = "instance")]
+        instances: Vec<String>,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a topology file without running it.
     Validate {
         /// Topology file.
@@ -69,9 +105,12 @@ enum Command {
             default_value = "http://localhost:8081"
         )]
         registry: String,
-        /// Topic to write.
+        /// Topic to write; created when it does not exist.
         #[arg(long, default_value = "playback-events")]
         topic: String,
+        /// Partitions of the topic when `gen` creates it (an existing topic is kept as it is).
+        #[arg(long, default_value_t = 6)]
+        partitions: i32,
         /// Stop after this many events (default: run until Ctrl-C).
         #[arg(long)]
         count: Option<u64>,
@@ -145,17 +184,44 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("info,librdkafka=warn,rdkafka=warn")
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    init_logging(cli.log_format);
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        // What went wrong and why, without a stack trace (RUST_BACKTRACE is for panics, which
+        // are bugs): an error here is the user's to act on.
+        Err(error) if cli.log_format == LogFormat::Json => {
+            tracing::error!(error = format!("{error:#}"), "marquee stopped");
+            ExitCode::FAILURE
+        }
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to stderr, filtered by RUST_LOG (default: info, and warnings of librdkafka).
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,librdkafka=warn,rdkafka=warn")
+    });
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => {
+            let colour = std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+            logs.with_ansi(colour).init();
+        }
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Run {
             topology,
             brokers,
@@ -183,6 +249,20 @@ fn main() -> anyhow::Result<()> {
                 None,
             )?;
         }
+        Command::Status {
+            topology,
+            brokers,
+            instances,
+            json,
+        } => {
+            let topology = Topology::load(&topology)?;
+            let status = marquee::tools::status::read(&topology, &brokers, &instances)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status.render());
+            }
+        }
         Command::Validate { topology: path } => {
             let topology = Topology::load(&path)?;
             let mut operators = Vec::new();
@@ -208,6 +288,7 @@ fn main() -> anyhow::Result<()> {
             brokers,
             registry,
             topic,
+            partitions,
             count,
             rate,
             seed,
@@ -217,6 +298,24 @@ fn main() -> anyhow::Result<()> {
         } => {
             if !(0.0..=1.0).contains(&late_share) {
                 bail!("--late-share is {late_share}: expected a share between 0 and 1");
+            }
+            if partitions < 1 {
+                bail!("--partitions is {partitions}: expected at least 1");
+            }
+            let spec = TopicSpec {
+                name: &topic,
+                partitions: Some(partitions),
+                replication_factor: None,
+                configs: &[],
+            };
+            let client = producer_config(&brokers, &BTreeMap::new());
+            ensure_topics(&client, &[spec])?;
+            if partitions_of(&client, &topic)?.is_none() {
+                bail!(
+                    "topic {topic} does not exist and the cluster at {brokers} did not create \
+                     it: create it yourself (e.g. kafka-topics.sh --bootstrap-server {brokers} \
+                     --create --topic {topic} --partitions {partitions}) and run gen again"
+                );
             }
             let shutdown = shutdown_on_signal()?;
             let registry = HttpRegistry::new(&registry)?;

@@ -38,6 +38,7 @@ pub struct PartitionCounters {
     late: Counter,
     watermark: Gauge,
     watermark_lag: Gauge,
+    lag: Gauge,
     paused: Gauge,
     pauses: Counter,
     seeks: Counter,
@@ -69,6 +70,7 @@ impl PartitionCounters {
             late: counter!("marquee_records_late_total", &labels),
             watermark: gauge!("marquee_watermark_timestamp_seconds", &labels),
             watermark_lag: gauge!("marquee_watermark_lag_seconds", &labels),
+            lag: gauge!("marquee_consumer_lag_records", &labels),
             paused: gauge!("marquee_partition_paused", &labels),
             pauses: counter!("marquee_partition_pauses_total", &labels),
             seeks: counter!("marquee_partition_seeks_total", &labels),
@@ -107,8 +109,16 @@ impl PartitionCounters {
         *self.pending.dead.entry(reason).or_default() += 1;
     }
 
-    /// Publishes pending counts and the partition's time gauges.
-    pub fn publish(&mut self, watermark_ms: i64, now_ms: i64, paused: bool, idle: bool) {
+    /// Publishes pending counts, the partition's time gauges and its consumer lag (records
+    /// between the next offset and the broker's high watermark, when both are known).
+    pub fn publish(
+        &mut self,
+        watermark_ms: i64,
+        now_ms: i64,
+        paused: bool,
+        idle: bool,
+        lag: Option<i64>,
+    ) {
         let p = std::mem::take(&mut self.pending);
         self.consumed.increment(p.consumed);
         self.decoded.increment(p.decoded);
@@ -122,6 +132,9 @@ impl PartitionCounters {
             self.watermark.set(watermark_ms as f64 / 1000.0);
             self.watermark_lag
                 .set((now_ms - watermark_ms) as f64 / 1000.0);
+        }
+        if let Some(lag) = lag {
+            self.lag.set(lag.max(0) as f64);
         }
         self.paused.set(f64::from(u8::from(paused)));
         self.idle.set(f64::from(u8::from(idle)));

@@ -939,3 +939,141 @@ fn a_partition_that_moves_to_its_standby_copy_restores_only_what_the_copy_lacks(
          ({restored} records read)"
     );
 }
+
+/// First contact with a fresh cluster, as the README tells it: `gen` creates the topic it
+/// writes (with `--partitions`) and delivers every event; `run` on a topology whose input
+/// topic does not exist stops at once and names it, rather than reporting ready and waiting
+/// for a topic nobody will create.
+#[test]
+fn gen_creates_its_topic_and_run_names_a_missing_input_topic() {
+    let brokers = kafka().addr.clone();
+    let topic = unique("first-contact");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_marquee"))
+        .args([
+            "gen",
+            "--brokers",
+            &brokers,
+            "--registry",
+            &registry().url(),
+        ])
+        .args(["--topic", &topic, "--count", "500", "--partitions", "3"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("sent 500 events to {topic}")),
+        "{stderr}"
+    );
+    let client = marquee::io::sink::producer_config(&brokers, &Default::default());
+    assert_eq!(
+        marquee::io::sink::partitions_of(&client, &topic).unwrap(),
+        Some(3)
+    );
+    let records = read_topic(
+        &brokers,
+        &topic,
+        500,
+        Duration::from_secs(2),
+        Duration::from_secs(30),
+    );
+    assert_eq!(records.len(), 500);
+
+    let missing = unique("not-created");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("missing.toml");
+    std::fs::write(&file, topology_toml(&missing, &dir.path().join("state"))).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_marquee"))
+        .args(["run", file.to_str().unwrap(), "--brokers", &brokers])
+        .args(["--registry", &registry().url(), "--http", "127.0.0.1:0"])
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("the input topic {missing} does not exist")),
+        "{stderr}"
+    );
+    assert_eq!(
+        marquee::io::sink::partitions_of(&client, &missing).unwrap(),
+        None,
+        "run does not create the input topic"
+    );
+    assert_eq!(
+        marquee::io::sink::partitions_of(&client, &format!("{missing}-qos")).unwrap(),
+        None,
+        "nor any output topic before it knows the input"
+    );
+}
+
+/// `marquee status` on a running instance: every input partition with its committed offset,
+/// end, lag and owner from the cluster, its watermark from the instance, and the instance
+/// ready with its state; as JSON and as a table.
+#[test]
+fn status_reports_lag_owners_watermarks_and_instances() {
+    let brokers = kafka().addr.clone();
+    let input = unique("status");
+    common::create_topic(&brokers, &input, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("status.toml");
+    std::fs::write(&file, topology_toml(&input, &dir.path().join("state"))).unwrap();
+    let topology = marquee::config::Topology::load(&file).unwrap();
+    let events = dataset(107, 3_000);
+    let feeder = Feeder::new(&brokers, &input);
+    send(&feeder, &events, 0);
+    let http = format!("127.0.0.1:{}", common::free_port());
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_marquee"))
+        .args(["run", file.to_str().unwrap(), "--brokers", &brokers])
+        .args(["--registry", &registry().url(), "--http", &http])
+        .args(["--instance-id", "status-a"])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("marquee binary starts");
+    let mut child = KillOnDrop(child);
+    wait_for_first_record(&brokers, &topology.sink.topic);
+    let status = |json: bool| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_marquee"));
+        command
+            .args(["status", file.to_str().unwrap(), "--brokers", &brokers])
+            .args(["--instance", &http]);
+        if json {
+            command.arg("--json");
+        }
+        let out = command.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // Caught up: every record is committed (a checkpoint is 200 ms).
+    let report: serde_json::Value = wait_for("a caught-up status", Duration::from_secs(60), || {
+        let report: serde_json::Value = serde_json::from_str(&status(true)).unwrap();
+        let caught_up = report["partitions"]
+            .as_array()?
+            .iter()
+            .all(|p| p["lag"] == 0 && p["owner"] == "status-a");
+        caught_up.then_some(report)
+    });
+    let table = status(false);
+    child.terminate();
+    assert!(
+        table.contains(&format!("input {input} (3 partitions, 0 records behind)")),
+        "{table}"
+    );
+    assert!(
+        table.contains("status-a") && table.contains(&http),
+        "{table}"
+    );
+    assert_eq!(report["topic"], input.as_str());
+    let partitions = report["partitions"].as_array().unwrap();
+    assert_eq!(partitions.len(), 3);
+    let total: i64 = partitions.iter().map(|p| p["end"].as_i64().unwrap()).sum();
+    assert_eq!(total, events.len() as i64, "the ends hold every record");
+    for p in &partitions[..2] {
+        assert!(p["watermark_ms"].as_i64().unwrap() > 0, "{p}");
+    }
+    let instance = &report["instances"][0];
+    assert_eq!(instance["address"], http.as_str());
+    assert_eq!(instance["ready"], true, "{instance}");
+    assert!(instance["state_bytes"].as_u64().unwrap() > 0, "{instance}");
+}

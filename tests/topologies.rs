@@ -244,3 +244,88 @@ fn dau_settings_are_checked_with_their_keys() {
     let e = error_of(&dau("counting = \"approximately\"\n"));
     assert!(e.contains("approximately"), "{e}");
 }
+
+/// `marquee` with `args` and `env`, its output captured (a pipe, as when redirected to a file).
+fn marquee(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_marquee"));
+    command.args(args).env_remove("NO_COLOR");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().unwrap()
+}
+
+#[test]
+fn a_mistake_in_a_topology_is_one_message_without_a_stack_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, MINIMAL.replace("[qos]\n", "[qos]\nwindow = \"0s\"\n")).unwrap();
+    // Set on many Rust developers' machines: it is for panics, not for the user's mistakes.
+    let out = marquee(
+        &["validate", bad.to_str().unwrap()],
+        &[("RUST_BACKTRACE", "1")],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert!(stderr.contains("qos.window"), "{stderr}");
+    assert!(
+        !stderr.contains("backtrace") && stderr.lines().count() <= 4,
+        "no stack trace under the message:\n{stderr}"
+    );
+}
+
+#[test]
+fn logs_written_to_a_file_carry_no_colour_codes_and_json_logs_parse() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().to_str().unwrap();
+    let run = |format: &str| {
+        marquee(
+            &[
+                "run",
+                "topologies/qos.toml",
+                "--brokers",
+                "127.0.0.1:1",
+                "--http",
+                "127.0.0.1:0",
+                "--state-dir",
+                state,
+                "--log-format",
+                format,
+            ],
+            &[("RUST_LOG", "info,librdkafka=off,rdkafka=off")],
+        )
+    };
+    let text = run("text");
+    let stderr = String::from_utf8_lossy(&text.stderr);
+    assert!(!text.status.success());
+    assert!(stderr.contains("INFO"), "log lines are written: {stderr}");
+    assert!(
+        !stderr.contains('\x1b'),
+        "no terminal codes in a file:\n{stderr}"
+    );
+
+    let json = run("json");
+    assert!(!json.status.success());
+    let stderr = String::from_utf8_lossy(&json.stderr);
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
+    assert!(lines.len() >= 2, "{stderr}");
+    for line in &lines {
+        assert!(
+            line["timestamp"].is_string() && line["level"].is_string(),
+            "{line}"
+        );
+    }
+    let last = lines.last().unwrap();
+    assert_eq!(last["level"], "ERROR");
+    assert!(
+        last["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("127.0.0.1:1"),
+        "the error that stopped it is the last line: {last}"
+    );
+}

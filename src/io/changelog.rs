@@ -19,10 +19,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::error::PipelineError;
 use crate::io::sink::{ensure_topics, Pending, TopicSpec, COMPACTED};
 use crate::metrics;
+use crate::progress::Progress;
 use crate::state::{Batch, Change, Store, CF_RESUME, POSITIONS};
 
-/// How often a running restore reports its progress.
-const REPORT_EVERY: Duration = Duration::from_secs(2);
 /// Restored records per RocksDB batch.
 const RESTORE_BATCH: usize = 10_000;
 
@@ -210,7 +209,11 @@ impl Changelog {
             "restoring state from the changelog topics"
         );
         let (mut read, mut batch) = (0u64, Batch::default());
-        let mut last_report = Instant::now();
+        let mut report = Progress::new(
+            format!("restoring partitions {partitions:?}"),
+            "changelog records",
+            Some(total.max(0) as u64),
+        );
         // One topic at a time: a partition's end is reported by partition number only.
         // The positions first: an earlier owner still writing (a broker that let members
         // overlap) can then only leave the stores ahead of them, which a replay onto
@@ -227,9 +230,7 @@ impl Changelog {
                 .map_err(PipelineError::kafka("assigning the changelog partitions"))?;
             let mut last_progress = Instant::now();
             while !left.is_empty() {
-                if last_report.elapsed() >= REPORT_EVERY {
-                    last_report = Instant::now();
-                    let line = progress_line(partitions, read, total, started.elapsed());
+                if let Some(line) = report.due(read) {
                     metrics::restore_remaining(task, (total - read as i64).max(0));
                     tracing::info!(task, "{line}");
                     progress(&line);
@@ -325,20 +326,3 @@ impl rdkafka::ClientContext for RestoreContext {
 }
 
 impl rdkafka::consumer::ConsumerContext for RestoreContext {}
-
-/// A restore's progress as a person reads it: records, rate and time left.
-fn progress_line(partitions: &[i32], read: u64, total: i64, took: Duration) -> String {
-    let rate = read as f64 / took.as_secs_f64().max(0.001);
-    let left = (total - read as i64).max(0) as f64;
-    let eta = Duration::from_secs((left / rate.max(1.0)).ceil() as u64);
-    let percent = if total > 0 {
-        100.0 * read as f64 / total as f64
-    } else {
-        100.0
-    };
-    format!(
-        "restoring partitions {partitions:?}: {read} of about {total} changelog records \
-         ({percent:.0}%), {rate:.0}/s, about {} left",
-        humantime::format_duration(eta)
-    )
-}

@@ -911,6 +911,30 @@ pub fn ensure_topics(config: &ClientConfig, topics: &[TopicSpec<'_>]) -> Result<
     Ok(())
 }
 
+/// The number of partitions of `topic`, or `None` when it does not exist (without creating
+/// it on a broker that auto-creates topics).
+pub fn partitions_of(config: &ClientConfig, topic: &str) -> Result<Option<i32>, PipelineError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let client: BaseConsumer = config
+        .clone()
+        .set("allow.auto.create.topics", "false")
+        .create()
+        .map_err(PipelineError::kafka("creating a metadata client"))?;
+    let brokers = config.get("bootstrap.servers").unwrap_or_default();
+    let metadata = client
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(PipelineError::kafka(format!(
+            "reaching the cluster at {brokers} (is it running and reachable?) for the \
+             metadata of {topic}"
+        )))?;
+    Ok(match metadata.topics().first() {
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+            Some(t.partitions().len() as i32)
+        }
+        _ => None,
+    })
+}
+
 fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
     Header {
         key,

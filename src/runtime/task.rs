@@ -631,7 +631,11 @@ impl Core {
                 }
             }
             let idle = self.marks.is_idle(p, now);
-            part.counters.publish(own, now_ms, part.paused, idle);
+            let lag = source
+                .cached_high_watermark(p)
+                .zip(part.next_offset)
+                .map(|(high, next)| high - next);
+            part.counters.publish(own, now_ms, part.paused, idle, lag);
         }
         self.apply_seeks(source)
     }

@@ -1,4 +1,5 @@
-//! HTTP at the side of the pipeline: `/metrics` (Prometheus), `/healthz`, `/readyz`.
+//! HTTP at the side of the pipeline: `/metrics` (Prometheus), `/healthz`, `/readyz`, the live
+//! dashboard (`/dashboard`, fed by `/dashboard/stream`).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -97,7 +98,12 @@ impl Health {
 struct AppState {
     prometheus: PrometheusHandle,
     health: Arc<Health>,
+    /// Caps the dashboard streams open at once (each renders the metrics every second).
+    streams: Arc<tokio::sync::Semaphore>,
 }
+
+/// Dashboard streams served at once; more get 503.
+const MAX_STREAMS: usize = 32;
 
 /// Binds `addr` (port 0 picks a free port) and serves `/metrics`, `/healthz`, `/readyz` and,
 /// with a `table`, the resume-position queries.
@@ -111,7 +117,13 @@ pub fn start(
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(AppState { prometheus, health });
+        .route("/dashboard", get(dashboard_page))
+        .route("/dashboard/stream", get(dashboard_stream))
+        .with_state(AppState {
+            prometheus,
+            health,
+            streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
+        });
     if let Some(table) = table {
         app = app.merge(
             Router::new()
@@ -127,7 +139,11 @@ pub fn start(
         );
     }
     let server = BackgroundServer::spawn(std::net::TcpListener::bind(addr)?, app)?;
-    tracing::info!(addr = %server.addr(), "serving /metrics, /healthz and /readyz");
+    tracing::info!(
+        addr = %server.addr(),
+        dashboard = %format!("http://{}/dashboard", server.addr()),
+        "serving /metrics, /healthz, /readyz and the dashboard"
+    );
     Ok(server)
 }
 
@@ -193,6 +209,46 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         [("content-type", "text/plain; version=0.0.4")],
         state.prometheus.render(),
     )
+}
+
+async fn dashboard_page() -> impl IntoResponse {
+    (
+        [("content-type", "text/html; charset=utf-8")],
+        crate::serve::dashboard::PAGE,
+    )
+}
+
+/// A snapshot of the metrics every second as server-sent events, while the client listens.
+async fn dashboard_stream(State(state): State<AppState>) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let Ok(permit) = Arc::clone(&state.streams).try_acquire_owned() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{MAX_STREAMS} dashboard streams are open already\n"),
+        )
+            .into_response();
+    };
+    let stream =
+        futures_util::stream::unfold((state, permit, true), |(state, permit, first)| async move {
+            if !first {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            let snapshot = crate::serve::dashboard::snapshot(
+                &state.prometheus.render(),
+                state.health.is_ready(),
+                crate::runtime::wall_clock_ms(),
+            );
+            let event = Event::default()
+                .event("snapshot")
+                .data(snapshot.to_string());
+            Some((
+                Ok::<_, std::convert::Infallible>(event),
+                (state, permit, false),
+            ))
+        });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 async fn healthz(State(state): State<AppState>) -> impl IntoResponse {

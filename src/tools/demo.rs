@@ -67,13 +67,15 @@ pub fn run(
         http,
         instance_id: None,
     };
-    println!(
-        "marquee demo: in-process Kafka at {}, registry at {}",
-        endpoints.brokers, endpoints.registry
-    );
     if let Some(addr) = http {
+        // First: a newcomer opens the charts while the first windows close.
+        println!("marquee demo: the live dashboard is at http://{addr}/dashboard");
         println!("metrics at http://{addr}/metrics");
     }
+    println!(
+        "in-process Kafka at {}, registry at {}",
+        endpoints.brokers, endpoints.registry
+    );
     println!(
         "windows of {:?} close {:?} after their end; Ctrl-C stops\n",
         qos.window,

@@ -321,6 +321,11 @@ pub struct Publisher {
 }
 
 impl Publisher {
+    /// The topic written.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
     /// Registers the event schema as `<topic>-value`. With `partitions`, each session goes to
     /// [`partition_for`] its id; otherwise librdkafka's partitioner decides.
     pub fn new(
@@ -392,6 +397,11 @@ pub fn publish(
     let started = std::time::Instant::now();
     let t0 = generator.options.start_ms;
     let mut sent = 0u64;
+    let mut progress = crate::progress::Progress::new(
+        format!("sending to {}", publisher.topic()),
+        "events",
+        count,
+    );
     for arrival in generator {
         if stop.is_cancelled() || count.is_some_and(|c| sent >= c) {
             break;
@@ -404,6 +414,9 @@ pub fn publish(
         }
         publisher.send(&arrival.event)?;
         sent += 1;
+        if let Some(line) = progress.due(sent) {
+            tracing::info!("{line}");
+        }
     }
     publisher.flush()?;
     Ok(sent)

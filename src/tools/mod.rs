@@ -1,5 +1,7 @@
-//! Commands built on the library: the event generator, the demo and the benchmarks.
+//! Commands built on the library: the event generator, the demo, the benchmarks and the
+//! status report.
 
 pub mod bench;
 pub mod demo;
 pub mod gen;
+pub mod status;
