@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need (build dependencies, Apache Kafka, the Tansu broker, promtool,
-# cargo-fuzz) and runs every check: formatting, clippy, unit, property and integration tests
-# on real components, and a bounded run of every fuzz target.
+# Chromium, cargo-fuzz) and runs every check: formatting, clippy, unit, property and
+# integration tests on real components, and a bounded run of every fuzz target.
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
 
@@ -11,13 +11,14 @@ if [ ! -x "$tansu_bin" ] && ! command -v tansu >/dev/null 2>&1; then
   cargo install tansu --locked --features dynostore
 fi
 
-# promtool (Debian's prometheus package) for the alert rule tests.
-if ! command -v promtool >/dev/null 2>&1; then
-  echo "installing promtool (Debian's prometheus package) for the alert rule tests" >&2
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+# promtool (Debian's prometheus package) for the alert rule tests, headless Chromium for the
+# dashboard test.
+packages=()
+command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
+command -v chromium >/dev/null 2>&1 || packages+=(chromium)
+if [ ${#packages[@]} -gt 0 ]; then
+  echo "installing ${packages[*]} for the alert rule and dashboard tests" >&2
+  apt_install "${packages[@]}"
 fi
 
 # Apache Kafka 4.4 for the tests that need the broker users run (jars from Maven Central).

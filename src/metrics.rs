@@ -258,10 +258,22 @@ impl Grouped for DailyActive {
 }
 
 impl<R: Grouped> GroupGauges<R> {
-    /// Publishes the newest results.
+    /// Publishes the newest results: every group shown before and not among them reports 0.
     pub fn publish(&mut self, newest: &[R]) {
+        let fresh = self.update(newest);
+        for (key, last) in self.shown.iter_mut() {
+            if !fresh.contains(key) {
+                *last = last.zeroed();
+                (self.set)(last);
+            }
+        }
+    }
+
+    /// Publishes `changed` results of the period shown (a day's running values arrive in
+    /// parts); the other groups keep their values. Returns the groups published.
+    pub fn update(&mut self, changed: &[R]) -> BTreeSet<(String, String)> {
         let mut fresh = BTreeSet::new();
-        for r in newest {
+        for r in changed {
             let (dimension, value) = r.group();
             let key = (dimension.to_string(), value.to_string());
             if !self.shown.contains_key(&key) {
@@ -274,12 +286,7 @@ impl<R: Grouped> GroupGauges<R> {
             self.shown.insert(key.clone(), r.clone());
             fresh.insert(key);
         }
-        for (key, last) in self.shown.iter_mut() {
-            if !fresh.contains(key) {
-                *last = last.zeroed();
-                (self.set)(last);
-            }
-        }
+        fresh
     }
 }
 
@@ -440,5 +447,41 @@ mod tests {
         let page = handle.render();
         assert_eq!(viewers(&page, "gauge-test-20"), Some(1.0));
         assert_eq!(viewers(&page, "gauge-test-99"), None, "beyond the bound");
+    }
+
+    #[test]
+    fn a_day_s_running_values_arrive_in_parts_without_zeroing_the_others() {
+        let handle = install();
+        let day = |value: &str, accounts: i64| DailyActive {
+            dimension: "country".into(),
+            value: value.into(),
+            accounts,
+            ..DailyActive::default()
+        };
+        let accounts = |page: &str, value: &str| {
+            let series = format!(
+                "marquee_daily_active_accounts{{dimension=\"country\",value=\"{value}\"}} "
+            );
+            page.lines()
+                .find_map(|l| l.strip_prefix(&series))
+                .and_then(|v| v.parse::<f64>().ok())
+        };
+        let mut gauges = DailyActiveGauges::default();
+        gauges.publish(&[day("dau-test-fr", 5), day("dau-test-de", 2)]);
+        gauges.update(&[day("dau-test-de", 3)]);
+        let page = handle.render();
+        assert_eq!(
+            accounts(&page, "dau-test-fr"),
+            Some(5.0),
+            "kept by a partial update"
+        );
+        assert_eq!(accounts(&page, "dau-test-de"), Some(3.0));
+        gauges.publish(&[day("dau-test-de", 1)]);
+        let page = handle.render();
+        assert_eq!(
+            accounts(&page, "dau-test-fr"),
+            Some(0.0),
+            "a new day starts at 0"
+        );
     }
 }

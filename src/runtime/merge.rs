@@ -585,10 +585,14 @@ impl Core {
             &config.output,
             days,
             DailyActive::key,
+            // A day's values come in parts (per merge partition, changed groups only): a
+            // newer day replaces what the gauges show, a part of the shown day updates it.
             |day, results| {
-                if day >= *gauge_day {
+                if day > *gauge_day {
                     *gauge_day = day;
                     gauges.publish(results);
+                } else if day == *gauge_day {
+                    gauges.update(results);
                 }
             },
         )

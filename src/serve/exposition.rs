@@ -105,7 +105,8 @@ impl Samples {
             .iter()
             .filter(|(n, _, _)| n == name)
             .map(|(_, _, v)| v)
-            .sum()
+            .sum::<f64>()
+            + 0.0 // an empty sum is -0.0
     }
 }
 
