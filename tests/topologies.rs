@@ -329,3 +329,34 @@ fn logs_written_to_a_file_carry_no_colour_codes_and_json_logs_parse() {
         "the error that stopped it is the last line: {last}"
     );
 }
+
+#[test]
+fn logs_on_a_terminal_are_coloured_unless_no_color_is_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let command = format!(
+        "{} run topologies/qos.toml --brokers 127.0.0.1:1 --http 127.0.0.1:0 --state-dir {}",
+        env!("CARGO_BIN_EXE_marquee"),
+        dir.path().display()
+    );
+    // `script` runs the command on a pseudo-terminal and copies what it shows to stdout.
+    let on_a_terminal = |no_color: Option<&str>| {
+        let mut script = Command::new("script");
+        script
+            .args(["-qec", &command, "/dev/null"])
+            .env("RUST_LOG", "info,librdkafka=off,rdkafka=off")
+            .env_remove("NO_COLOR");
+        if let Some(v) = no_color {
+            script.env("NO_COLOR", v);
+        }
+        let out = script.output().unwrap_or_else(|e| {
+            panic!("`script` (util-linux) runs marquee on a terminal: install util-linux ({e})")
+        });
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let coloured = on_a_terminal(None);
+    assert!(coloured.contains("INFO"), "{coloured}");
+    assert!(coloured.contains("\x1b["), "colour on a terminal:\n{coloured}");
+    let plain = on_a_terminal(Some("1"));
+    assert!(plain.contains("INFO"), "{plain}");
+    assert!(!plain.contains("\x1b["), "NO_COLOR turns colour off:\n{plain}");
+}
