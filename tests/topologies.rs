@@ -355,8 +355,14 @@ fn logs_on_a_terminal_are_coloured_unless_no_color_is_set() {
     };
     let coloured = on_a_terminal(None);
     assert!(coloured.contains("INFO"), "{coloured}");
-    assert!(coloured.contains("\x1b["), "colour on a terminal:\n{coloured}");
+    assert!(
+        coloured.contains("\x1b["),
+        "colour on a terminal:\n{coloured}"
+    );
     let plain = on_a_terminal(Some("1"));
     assert!(plain.contains("INFO"), "{plain}");
-    assert!(!plain.contains("\x1b["), "NO_COLOR turns colour off:\n{plain}");
+    assert!(
+        !plain.contains("\x1b["),
+        "NO_COLOR turns colour off:\n{plain}"
+    );
 }
