@@ -382,8 +382,33 @@ impl Source {
 
     /// The group's committed offsets of `partitions` (those that have one).
     pub fn committed(&self, partitions: &[i32]) -> Result<BTreeMap<i32, i64>, PipelineError> {
+        Ok(self
+            .committed_entries(partitions)?
+            .into_iter()
+            .map(|(p, offset, _)| (p, offset))
+            .collect())
+    }
+
+    /// The metadata the group last committed with each of `partitions` (those that have
+    /// a committed offset).
+    pub fn committed_metadata(
+        &self,
+        partitions: &[i32],
+    ) -> Result<BTreeMap<i32, String>, PipelineError> {
+        Ok(self
+            .committed_entries(partitions)?
+            .into_iter()
+            .map(|(p, _, metadata)| (p, metadata))
+            .collect())
+    }
+
+    /// Each of `partitions` that has a committed offset: the offset and its metadata.
+    fn committed_entries(
+        &self,
+        partitions: &[i32],
+    ) -> Result<Vec<(i32, i64, String)>, PipelineError> {
         if partitions.is_empty() {
-            return Ok(BTreeMap::new());
+            return Ok(Vec::new());
         }
         let mut tpl = TopicPartitionList::new();
         for &p in partitions {
@@ -400,7 +425,7 @@ impl Source {
             .elements()
             .iter()
             .filter_map(|e| match e.offset() {
-                Offset::Offset(o) => Some((e.partition(), o)),
+                Offset::Offset(o) => Some((e.partition(), o, e.metadata().to_string())),
                 _ => None,
             })
             .collect())
@@ -430,34 +455,6 @@ impl Source {
             }
         }
         tpl
-    }
-
-    /// The metadata the group last committed with each of `partitions` (those that have
-    /// a committed offset).
-    pub fn committed_metadata(
-        &self,
-        partitions: &[i32],
-    ) -> Result<BTreeMap<i32, String>, PipelineError> {
-        if partitions.is_empty() {
-            return Ok(BTreeMap::new());
-        }
-        let mut tpl = TopicPartitionList::new();
-        for &p in partitions {
-            tpl.add_partition(&self.topic, p);
-        }
-        let committed = self
-            .consumer
-            .committed_offsets(tpl, Duration::from_secs(30))
-            .map_err(PipelineError::kafka(format!(
-                "reading the committed offsets of {}",
-                self.topic
-            )))?;
-        Ok(committed
-            .elements()
-            .iter()
-            .filter(|e| matches!(e.offset(), Offset::Offset(_)))
-            .map(|e| (e.partition(), e.metadata().to_string()))
-            .collect())
     }
 
     /// Commits next offsets asynchronously (for lag monitoring and new group members).
